@@ -1,0 +1,5 @@
+import sys
+
+from textgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,273 @@
+"""One checkpoint layout, written atomically, loaded with checks.
+
+    <checkpoint>/
+      model.weights.h5      Keras weights (no pickle; h5 is read without executing code)
+      optimizer.weights.h5  Adam state, one dataset per optimizer variable (for resume)
+      config.json           {"format_version", "model": ModelConfig, "train": TrainConfig}
+      vocab.json            {"format_version", "chars": [...]}
+      metrics.json          metrics of the epoch that wrote it, plus the history so far
+      state.json            what resume needs: epoch, best_val_loss, best_epoch, seed, ...
+      manifest.json         sha256 and size of every file above; written last
+
+A checkpoint is written to a temporary sibling directory and renamed into place, so a reader sees
+either the old checkpoint or the new one, never half of one. The manifest catches files damaged
+after writing (truncated copies, bit rot) with a message that names the file.
+"""
+
+from __future__ import annotations
+
+from textgen.errors import TextgenError
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textgen import config as cfglib
+from textgen.config import ModelConfig, TrainConfig
+from textgen.vocab import Vocab, VocabError
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.weights.h5"
+OPTIMIZER = "optimizer.weights.h5"
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+METRICS = "metrics.json"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+REQUIRED = (WEIGHTS, CONFIG, VOCAB, METRICS, STATE)
+
+
+class CheckpointError(TextgenError):
+    pass
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's metadata, read without TensorFlow. Weights load with ``load_model``."""
+
+    path: Path
+    model: ModelConfig
+    train: TrainConfig
+    vocab: Vocab
+    metrics: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state["epoch"])
+
+    @property
+    def has_optimizer(self) -> bool:
+        return (self.path / OPTIMIZER).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic file-system helpers
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place, replacing an older one at ``final``."""
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(cfglib.dumps(obj) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(
+    path: str | Path,
+    model,
+    optimizer,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    vocab: Vocab,
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint directory at ``path`` atomically (replacing one that is there)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        model.save_weights(str(tmp / WEIGHTS))
+        if optimizer is not None:
+            save_optimizer(tmp / OPTIMIZER, optimizer)
+        _write_json(
+            tmp / CONFIG,
+            {
+                "format_version": FORMAT_VERSION,
+                "model": cfglib.to_dict(model_cfg),
+                "train": cfglib.to_dict(train_cfg),
+            },
+        )
+        _write_json(tmp / VOCAB, vocab.to_dict())
+        _write_json(tmp / METRICS, metrics)
+        _write_json(tmp / STATE, {"format_version": FORMAT_VERSION, **state})
+        files = sorted(p.name for p in tmp.iterdir())
+        _write_json(
+            tmp / MANIFEST,
+            {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+        )
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_optimizer(path: Path, optimizer) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        for i, var in enumerate(optimizer.variables):
+            ds = f.create_dataset(str(i), data=var.numpy())
+            ds.attrs["path"] = var.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint's metadata and file integrity (no TensorFlow needed)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    missing = [n for n in REQUIRED if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: missing {', '.join(missing)}; "
+            "it was not written by textgen or was damaged; use another checkpoint"
+        )
+    if (path / MANIFEST).is_file():
+        manifest = _read_json(path / MANIFEST)
+        for name, entry in manifest.items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint {path}: {name} is listed in the manifest but missing")
+            if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+                raise CheckpointError(
+                    f"checkpoint {path}: {name} is corrupt (its size or sha256 differs from the "
+                    "manifest written with it); use another checkpoint"
+                )
+    conf = _read_json(path / CONFIG)
+    if not isinstance(conf, dict) or conf.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / CONFIG}: unsupported checkpoint format_version "
+            f"{conf.get('format_version') if isinstance(conf, dict) else None!r} (expected {FORMAT_VERSION})"
+        )
+    try:
+        model_cfg = cfglib.model_config_from_dict(conf.get("model"))
+        train_cfg = cfglib.train_config_from_dict(conf.get("train"))
+        vocab = Vocab.from_dict(_read_json(path / VOCAB))
+    except (cfglib.ConfigError, VocabError) as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    state = _read_json(path / STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise CheckpointError(f"{path / STATE} has no epoch; the checkpoint is damaged")
+    return Checkpoint(path, model_cfg, train_cfg, vocab, _read_json(path / METRICS), state)
+
+
+def load_model(ckpt: Checkpoint, mixed_precision: bool = False):
+    """Build the training model from the checkpoint's config and load its weights, checking that
+    config, vocabulary and weights agree."""
+    from textgen.model import build_model
+
+    model = build_model(ckpt.model, ckpt.vocab.size, mixed_precision=mixed_precision)
+    load_weights_into(model, ckpt)
+    return model
+
+
+def load_weights_into(model, ckpt: Checkpoint) -> None:
+    try:
+        model.load_weights(str(ckpt.path / WEIGHTS))
+    except Exception as e:  # Keras raises ValueError/OSError/KeyError on shape or file problems
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: {WEIGHTS} does not match its config.json and vocab.json "
+            f"({ckpt.model.lstm_units} LSTM units, vocabulary {ckpt.vocab.size}) or is unreadable: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
+def restore_optimizer(ckpt: Checkpoint, optimizer, trainable_variables) -> None:
+    """Load Adam's state saved by ``save_optimizer`` into a freshly built optimizer."""
+    import h5py
+
+    if not optimizer.built:
+        optimizer.build(trainable_variables)
+    try:
+        with h5py.File(ckpt.path / OPTIMIZER, "r") as f:
+            saved = [f[str(i)][()] for i in range(len(f.keys()))]
+    except (OSError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {OPTIMIZER} is unreadable ({e})") from None
+    variables = optimizer.variables
+    if len(saved) != len(variables) or any(
+        tuple(s.shape) != tuple(v.shape) for s, v in zip(saved, variables)
+    ):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: optimizer state has {len(saved)} variables that do not match "
+            f"this model's {len(variables)}; resume with the same preset and settings"
+        )
+    for var, value in zip(variables, saved):
+        var.assign(value)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, a ``textgen train --out`` directory (its ``best/``), or a Ray Train
+    run directory (its best checkpoint by val_loss) -> the checkpoint directory."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path
+    if (path / "best" / CONFIG).is_file():
+        return path / "best"
+    if path.is_dir() and any(p.name.startswith("checkpoint_") for p in path.iterdir()):
+        from textgen.runs import best_ray_checkpoint
+
+        return best_ray_checkpoint(path)
+    raise CheckpointError(
+        f"{path} is not a checkpoint: expected a checkpoint directory (with {CONFIG}), a training "
+        "output directory (with best/), or a Ray Train run directory (with checkpoint_* folders)"
+    )

@@ -1,0 +1,149 @@
+"""Configuration: the model and the training run, as plain dataclasses, and the named presets.
+
+Every field maps one-to-one to a CLI flag (``lstm_units`` -> ``--lstm-units``). The configs are
+JSON-serialisable so that a checkpoint (and later the ONNX file) carries exactly what built it.
+This module imports nothing heavy: the generator and the CLI read it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+from textgen.errors import TextgenError
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Model kinds.
+CHAR = "char"  # Embedding -> LSTMs -> Dense logits, a loss at every position of a window.
+SEED = "seed"  # The notebook's model: scaled-integer input, one softmax target per 100-char window.
+MODEL_KINDS = (CHAR, SEED)
+
+
+class ConfigError(TextgenError):
+    """A configuration value is out of range or inconsistent; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = CHAR  # CHAR for our model; SEED reproduces the notebook so comparisons run in our code.
+    embedding_dim: int = 64  # 45 characters need few dimensions; 64 costs ~3k params and trains fast.
+    lstm_units: tuple[int, ...] = (256, 256)  # Two layers of 256, as the notebook's bigger model.
+    dropout: float = 0.2  # After every LSTM layer, as in the notebook; enough for a 144k-char corpus.
+    seq_len: int = 100  # Characters per training window (the notebook's window length).
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lstm_units", tuple(int(u) for u in self.lstm_units))
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        if not self.lstm_units or any(u < 1 for u in self.lstm_units):
+            raise ConfigError(f"lstm_units must be one or more positive sizes, got {self.lstm_units}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # Global batch (windows per step, summed over all replicas).
+    learning_rate: float = 2e-3  # Adam; 2e-3 is the char-rnn default and converges fastest here.
+    clipnorm: float | None = 5.0  # Clip gradients by global norm (char-rnn's value); None: no clipping.
+    epochs: int = 100  # An upper bound: --max-minutes and early stopping usually end the run first.
+    max_minutes: float | None = None  # Wall-clock budget for the whole run (training + validation).
+    patience: int = 5  # Early stopping: epochs without a better validation loss before stopping.
+    val_fraction: float = 0.1  # The contiguous tail of the corpus held out for validation.
+    seed: int = 0  # Seeds weights, window offsets, shuffling and dropout.
+    lowercase: bool = True  # The notebook lowercases: 45 characters instead of 72 for the bundled corpus.
+    mixed_precision: bool = False  # float16 compute on GPU (logits stay float32); off on CPU.
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.clipnorm is not None and not self.clipnorm > 0:
+            raise ConfigError(f"clipnorm must be positive, got {self.clipnorm}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be at least 1, got {self.patience}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        ModelConfig(),
+        TrainConfig(),
+        "Embedding 64 -> 2x256 LSTM -> logits; a loss at every position of 100-char windows.",
+    ),
+    "small": Preset(
+        ModelConfig(embedding_dim=16, lstm_units=(32,), dropout=0.0, seq_len=32),
+        TrainConfig(batch_size=32, learning_rate=1e-2, patience=3),
+        "Tiny model for tests and smoke runs (seconds per epoch).",
+    ),
+    "seed-1x256": Preset(
+        ModelConfig(kind=SEED, lstm_units=(256,), dropout=0.2, seq_len=100),
+        TrainConfig(batch_size=128, learning_rate=1e-3, clipnorm=None),
+        "The notebook's first model: scaled-integer input, LSTM 256, one softmax target per window.",
+    ),
+    "seed-2x256": Preset(
+        ModelConfig(kind=SEED, lstm_units=(256, 256), dropout=0.2, seq_len=100),
+        TrainConfig(batch_size=64, learning_rate=1e-3, clipnorm=None),
+        "The notebook's bigger model: 2x LSTM 256 with dropout, one softmax target per window.",
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace that ignores None values (unset CLI flags keep the preset's value)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    return _from_dict(ModelConfig, d)
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    return _from_dict(TrainConfig, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ConfigError(f"bad {cls.__name__}: {e}") from None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)

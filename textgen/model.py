@@ -1,0 +1,124 @@
+"""The Keras models: the training model and the step model with explicit LSTM state.
+
+``char`` kind (ours):  char_ids (B, T) int32 -> Embedding (B, T, E) -> N x [LSTM (B, T, H) -> Dropout]
+-> Dense logits (B, T, V). The step model has the same layers (same names, same weights) plus named
+per-layer state inputs ``h_i``/``c_i`` (B, H_i) and outputs ``h_i_out``/``c_i_out``, with variable
+batch and time, so a prompt is consumed in one call and single characters after it.
+
+``seed`` kind (the notebook): scaled_ids (B, T, 1) float32 -> N x [LSTM -> Dropout] (the last LSTM
+returns only its final output) -> Dense softmax probabilities (B, V).
+
+Every LSTM keeps the settings under which Keras 3 takes the cuDNN kernel on GPU (FACTS.md):
+tanh / sigmoid activations, no recurrent dropout, not unrolled, with bias, no mask.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from textgen.config import CHAR, ModelConfig
+
+INPUT_NAME = "char_ids"  # (B, T) int32
+LOGITS_NAME = "logits"  # (B, T, V) float32
+
+
+def state_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Names of the step model's state inputs and outputs: h_0, c_0, h_1, ... / h_0_out, ..."""
+    ins = [f"{k}_{i}" for i in range(num_layers) for k in ("h", "c")]
+    return ins, [f"{n}_out" for n in ins]
+
+
+def _policy(mixed_precision: bool) -> str | None:
+    # float16 compute keeps the LSTM cuDNN-eligible; logits and softmax are kept in float32 below.
+    return "mixed_float16" if mixed_precision else None
+
+
+def _lstm(units: int, index: int, dtype: str | None, **kwargs) -> keras.layers.LSTM:
+    return keras.layers.LSTM(
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        recurrent_dropout=0.0,
+        unroll=False,
+        use_bias=True,
+        name=f"lstm_{index}",
+        dtype=dtype,
+        **kwargs,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, mixed_precision: bool = False) -> keras.Model:
+    """The training model: logits (B, T, V) for ``char``, probabilities (B, V) for ``seed``."""
+    dtype = _policy(mixed_precision)
+    n = len(cfg.lstm_units)
+    if cfg.kind == CHAR:
+        ids = keras.Input((None,), dtype="int32", name=INPUT_NAME)
+        x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding", dtype=dtype)(ids)
+        for i, units in enumerate(cfg.lstm_units):
+            x = _lstm(units, i, dtype, return_sequences=True)(x)
+            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+        out = keras.layers.Dense(vocab_size, name=LOGITS_NAME, dtype="float32")(x)
+        return keras.Model(ids, out, name="textgen_char")
+    scaled = keras.Input((cfg.seq_len, 1), dtype="float32", name="scaled_ids")
+    x = scaled
+    for i, units in enumerate(cfg.lstm_units):
+        x = _lstm(units, i, dtype, return_sequences=i < n - 1)(x)
+        x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    out = keras.layers.Dense(vocab_size, activation="softmax", name="probs", dtype="float32")(x)
+    return keras.Model(scaled, out, name="textgen_seed")
+
+
+def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
+    """Inference model with explicit state: (char_ids, h_0, c_0, ...) -> (logits, h_0_out, c_0_out, ...).
+    float32 always (it runs on CPU after export). Only for the ``char`` kind."""
+    if cfg.kind != CHAR:
+        raise ValueError(
+            f"the {cfg.kind!r} model kind reproduces the notebook for comparisons and has no step "
+            "model; train a 'char' preset (e.g. --preset default) to export and generate"
+        )
+    ids = keras.Input((None,), batch_size=None, dtype="int32", name=INPUT_NAME)
+    in_names, _ = state_names(len(cfg.lstm_units))
+    states = [
+        keras.Input((units,), dtype="float32", name=in_names[2 * i + j])
+        for i, units in enumerate(cfg.lstm_units)
+        for j in range(2)
+    ]
+    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(ids)
+    new_states = []
+    for i, units in enumerate(cfg.lstm_units):
+        x, h, c = _lstm(units, i, None, return_sequences=True, return_state=True)(
+            x, initial_state=[states[2 * i], states[2 * i + 1]]
+        )
+        new_states += [h, c]
+    logits = keras.layers.Dense(vocab_size, name=LOGITS_NAME)(x)
+    return keras.Model([ids, *states], [logits, *new_states], name="textgen_step")
+
+
+def copy_weights(src: keras.Model, dst: keras.Model) -> None:
+    """Copy weights layer by layer, by name (the training and step models share layer names)."""
+    for layer in dst.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        src_weights = src.get_layer(layer.name).get_weights()
+        if [w.shape for w in src_weights] != [w.shape for w in weights]:
+            raise ValueError(f"layer {layer.name!r}: weight shapes differ between models")
+        layer.set_weights(src_weights)
+
+
+def lstm_layers(model: keras.Model) -> list[keras.layers.LSTM]:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
+
+
+def cudnn_problems(layer: keras.layers.LSTM) -> list[str]:
+    """Settings that would keep this LSTM off the cuDNN kernel (empty when eligible)."""
+    cell = layer.cell
+    checks = {
+        "activation is not tanh": cell.activation is not keras.activations.tanh,
+        "recurrent_activation is not sigmoid": cell.recurrent_activation is not keras.activations.sigmoid,
+        "recurrent_dropout is not 0": cell.recurrent_dropout != 0,
+        "unroll is True": bool(layer.unroll),
+        "use_bias is False": not cell.use_bias,
+        "use_cudnn is False": layer.use_cudnn is False,
+    }
+    return [f"{layer.name}: {what}" for what, bad in checks.items() if bad]

@@ -84,12 +84,14 @@ def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
         for j in range(2)
     ]
     x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(ids)
+    _, out_names = state_names(len(cfg.lstm_units))
     new_states = []
     for i, units in enumerate(cfg.lstm_units):
         x, h, c = _lstm(units, i, None, return_sequences=True, return_state=True)(
             x, initial_state=[states[2 * i], states[2 * i + 1]]
         )
-        new_states += [h, c]
+        # Identity layers only name the outputs (they become the ONNX output names).
+        new_states += [keras.layers.Identity(name=out_names[2 * i + j])(s) for j, s in enumerate((h, c))]
     logits = keras.layers.Dense(vocab_size, name=LOGITS_NAME)(x)
     return keras.Model([ids, *states], [logits, *new_states], name="textgen_step")
 

@@ -155,9 +155,9 @@ class Steps:
 
         @tf.function
         def any_true(flag):
-            # Every worker must stop at the same step or the next all-reduce hangs: agree on MAX.
+            # Every worker must stop at the same step or the next all-reduce hangs: stop if any says so.
             per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
-            return strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None) > 0
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
 
         self.train_step, self.val_step, self.any_true = train_step, val_step, any_true
 

@@ -1,0 +1,81 @@
+"""Training integration: the real loop on the bundled corpus with the small preset."""
+
+import json
+
+import pytest
+
+from conftest import last_json, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_cli_trains_and_reports(small_run):
+    history = [json.loads(l) for l in (small_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[1]["val_loss"] < history[0]["val_loss"]  # validation loss falls
+    assert (small_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_last_line_is_json_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "small", "--out", str(out), "--no-progress"]
+    code, stdout, stderr = run_cli(args + ["--epochs", "2"])
+    assert code == 0, stderr
+    first = last_json(stdout)
+    assert {"best_val_loss", "best_val_bpc", "epochs", "train_chars_per_s", "checkpoint"} <= set(first)
+    assert first["epochs"] == 2 and first["train_chars_per_s"] > 0
+    assert abs(first["best_val_bpc"] - first["best_val_loss"] / 0.6931471805599453) < 1e-9
+    assert first["checkpoint"] == str((out / "best").resolve())
+
+    # Without --resume an existing run is never overwritten.
+    code, _, stderr = run_cli(args + ["--epochs", "3"])
+    assert code == 2 and "already holds a training run" in stderr
+
+    code, stdout, stderr = run_cli(args + ["--epochs", "3", "--resume"])
+    assert code == 0, stderr
+    assert "resumed from" in stderr and "after epoch 2" in stderr
+    second = last_json(stdout)
+    assert second["epochs"] == 3
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    steps = history[0]["steps"]
+    from textgen.checkpoint import load_checkpoint
+    from textgen.checkpoint import load_model, restore_optimizer
+    from textgen.train import make_optimizer
+
+    ckpt = load_checkpoint(out / "last")
+    opt = make_optimizer(ckpt.train, 1)
+    restore_optimizer(ckpt, opt, load_model(ckpt).trainable_variables)
+    assert int(opt.iterations.numpy()) == 3 * steps  # the optimizer state continued, not restarted
+
+
+def test_wall_clock_budget_stops_mid_epoch(tmp_path):
+    code, stdout, stderr = run_cli(
+        ["train", "--preset", "small", "--seq-len", "64", "--out", str(tmp_path / "r"), "--no-progress",
+         "--epochs", "50", "--max-minutes", "0.05"]
+    )
+    assert code == 0, stderr
+    result = last_json(stdout)
+    assert result["stopped_by"] == "max_minutes" and result["epochs"] < 50
+    assert result["checkpoint"]  # the partial epoch was validated and saved
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--corpus", "/nonexistent/x.txt"], "does not exist"),
+        (["--batch-size", "100000"], "fewer than one batch"),
+        (["--val-fraction", "0.9"], "val_fraction"),
+        (["--seq-len", "100000"], "shorter than two windows"),
+    ],
+)
+def test_user_mistakes_exit_2_with_a_message(tmp_path, extra, message):
+    code, stdout, stderr = run_cli(["train", "--preset", "small", "--out", str(tmp_path / "r")] + extra)
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_resume_without_a_run(tmp_path):
+    code, _, stderr = run_cli(["train", "--preset", "small", "--out", str(tmp_path / "r"), "--resume"])
+    assert code == 2 and "nothing to resume" in stderr

@@ -159,7 +159,21 @@ class Steps:
             per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
 
+        @tf.function
+        def replica_spread():
+            # Data parallelism must keep every replica's weights identical. A float64 sum of squares
+            # per replica, gathered from all of them: max - min is 0.0 when they agree (checked
+            # every epoch and reported, so a diverged replica cannot go unnoticed).
+            def fingerprint():
+                return tf.reshape(tf.add_n([
+                    tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in model.trainable_variables
+                ]), [1])
+
+            every = strategy.gather(strategy.run(fingerprint), axis=0)
+            return tf.reduce_max(every) - tf.reduce_min(every)
+
         self.train_step, self.val_step, self.any_true = train_step, val_step, any_true
+        self.replica_spread = replica_spread
 
 
 def _distribute(strategy, make: Callable[[Shard], tf.data.Dataset]):
@@ -294,6 +308,8 @@ def fit(
             "elapsed_s": time.monotonic() - t_start,
             "best_val_loss": state.best_val_loss,
             "best_epoch": state.best_epoch,
+            "replicas": n_replicas,
+            "replica_weight_spread": float(steps.replica_spread()),
         }
         state.history.append(metrics)
         log(

@@ -1,0 +1,5 @@
+import sys
+
+from jobs.train import main
+
+sys.exit(main())

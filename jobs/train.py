@@ -1,0 +1,258 @@
+"""``python -m jobs.train``: the core training loop as a Ray Train job.
+
+A ``TensorflowTrainer`` starts one worker per ``--num-workers``; Ray sets TF_CONFIG and each worker
+runs ``textgen.train.fit`` under ``MultiWorkerMirroredStrategy`` (which also mirrors over the GPUs a
+worker owns). The tf.data pipeline is sharded exactly across workers (see ``textgen.windows``); the
+global batch is ``--batch-size`` and must divide by the number of replicas.
+
+Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (our own layout).
+Ray keeps the best checkpoints by ``val_loss`` (and always the latest), restarts a failed worker group
+up to ``--max-failures`` times from the latest checkpoint, and a driver started again with the same
+``--storage-path`` and ``--name`` continues the run.
+
+    python -m jobs.train --preset default --max-minutes 10                 # local Ray, 2 workers
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train ...  # a cluster
+
+The last stdout line is one JSON object: best_checkpoint, best_val_loss, epochs, num_workers, run_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from textgen import cli
+from textgen import config as cfglib
+from textgen.errors import TextgenError
+
+DEFAULT_STORAGE = "runs/ray"
+CHECKPOINTS_TO_KEEP = 2  # the best two by val_loss; Ray also keeps the latest (for resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train textgen as a Ray Train job (MultiWorkerMirroredStrategy across workers).",
+    )
+    cli.add_train_args(p)
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
+    p.add_argument("--use-gpu", action="store_true", help="give every worker GPUs (--gpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=float, default=1,
+                   help="CPUs per worker; also TensorFlow's thread count (default: %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker with --use-gpu (default: 1)")
+    p.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                   help="where runs and checkpoints go: a local path shared by all nodes, or a URI "
+                        "Ray storage accepts (s3://, gs://) (default: %(default)s)")
+    p.add_argument("--name", help="run name; the same --storage-path and --name continue a run "
+                                  "(default: the preset name)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts from the latest checkpoint (default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS if set, else a local Ray in this process)")
+    return p
+
+
+def replicas_per_worker(args: argparse.Namespace) -> int:
+    return max(1, int(args.gpus_per_worker or 1)) if args.use_gpu else 1
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Configuration mistakes that can be caught on the driver, before any worker starts."""
+    if args.num_workers < 1:
+        raise TextgenError(f"--num-workers must be at least 1, got {args.num_workers}")
+    if args.max_failures < 0:
+        raise TextgenError(f"--max-failures must be 0 or more, got {args.max_failures}")
+    if args.cpus_per_worker <= 0:
+        raise TextgenError(f"--cpus-per-worker must be positive, got {args.cpus_per_worker}")
+    if args.gpus_per_worker is not None and not args.use_gpu:
+        raise TextgenError("--gpus-per-worker needs --use-gpu")
+    if args.gpus_per_worker is not None and args.gpus_per_worker <= 0:
+        raise TextgenError(f"--gpus-per-worker must be positive, got {args.gpus_per_worker}")
+    _, train_cfg = cli.configs_from_args(args)
+    replicas = args.num_workers * replicas_per_worker(args)
+    if train_cfg.batch_size % replicas:
+        raise TextgenError(
+            f"global batch {train_cfg.batch_size} is not divisible by {replicas} replicas "
+            f"({args.num_workers} workers x {replicas_per_worker(args)}); pass a --batch-size that is"
+        )
+    if "://" not in args.storage_path:
+        storage = Path(args.storage_path)
+        try:
+            storage.mkdir(parents=True, exist_ok=True)
+            probe = storage / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise TextgenError(
+                f"storage path {storage} is not writable ({e.strerror}); choose another --storage-path"
+            ) from None
+
+
+def loop_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What every worker needs, as plain JSON-able values (absolute paths: workers chdir)."""
+    model_cfg, train_cfg = cli.configs_from_args(args)
+    return {
+        "model": cfglib.to_dict(model_cfg),
+        "train": cfglib.to_dict(train_cfg),
+        "corpus": [str(Path(p).resolve()) for p in args.corpus] if args.corpus else None,
+        "threads": max(1, int(args.cpus_per_worker)),
+        "run_name": args.name,
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import ray.train
+    import tensorflow as tf
+
+    from jobs.faults import maybe_inject_fault
+    from textgen import checkpoint as ckptlib
+    from textgen.train import fit, prepare_data
+
+    # One TensorFlow thread pool per worker, the size of its CPU share (not of the whole machine).
+    tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    model_cfg = cfglib.model_config_from_dict(config["model"])
+    train_cfg = cfglib.train_config_from_dict(config["train"])
+    data = prepare_data(config["corpus"], model_cfg, train_cfg)
+
+    resume_from = None
+    restored = ray.train.get_checkpoint()
+    local_copy = tempfile.TemporaryDirectory(prefix="textgen-resume-")
+    if restored is not None:
+        resume_from = ckptlib.load_checkpoint(restored.to_directory(local_copy.name))
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    fit(
+        model_cfg, train_cfg, data, RaySink(rank),
+        strategy=strategy, resume_from=resume_from, progress=False, log=log,
+        on_epoch_start=lambda epoch: maybe_inject_fault(rank, epoch, config["run_name"]),
+    )
+    local_copy.cleanup()
+
+
+class RaySink:
+    """Every rank reports every epoch (``report`` is a barrier); rank 0 attaches the checkpoint."""
+
+    REPORTED = ("epoch", "loss", "val_loss", "val_bpc", "chars_per_s", "best_val_loss", "best_epoch",
+                "steps", "partial", "elapsed_s", "replicas", "replica_weight_spread")
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def epoch_end(self, metrics, save, improved) -> None:
+        import ray.train
+
+        reported = {k: metrics[k] for k in self.REPORTED}
+        if self.rank != 0:
+            ray.train.report(reported)
+            return
+        with tempfile.TemporaryDirectory(prefix="textgen-ckpt-") as tmp:
+            path = save(Path(tmp) / "checkpoint")
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray Checkpoint -> a local path, or a URI for remote storage (s3://bucket/...)."""
+    fs_type = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if fs_type == "local" else f"{fs_type}://{checkpoint.path}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    args.name = args.name or args.preset
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:  # the embedded default: a local Ray in this process, as big as the machine
+            ray.init(include_dashboard=False)
+
+    resources = {"CPU": args.cpus_per_worker}
+    if args.use_gpu:
+        resources["GPU"] = args.gpus_per_worker or 1
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(args),
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=args.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=CHECKPOINTS_TO_KEEP,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint("val_loss", "min")
+    if best is None:
+        raise TextgenError(f"the run {result.path} finished without a checkpoint")
+    best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    return {
+        "best_checkpoint": checkpoint_uri(best),
+        "best_val_loss": best_metrics["val_loss"],
+        "best_val_bpc": best_metrics["val_bpc"],
+        "best_epoch": best_metrics["epoch"],
+        "epochs": result.metrics["epoch"],
+        "num_workers": args.num_workers,
+        "run_path": result.path if "://" not in storage else f"{storage.split('://')[0]}://{result.path}",
+        "chars_per_s": result.metrics["chars_per_s"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli.quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        if args.corpus:  # fail on the driver, not after workers started; workers re-check theirs
+            from textgen.corpus import corpus_files
+
+            corpus_files(args.corpus)
+        result = run(args)
+    except TextgenError as e:
+        cli.eprint(f"error: {e}")
+        return cli.EXIT_USAGE
+    except Exception as e:  # a failed run: say what Ray said, in one line, and where the run is
+        import ray.train
+
+        if isinstance(e, ray.train.TrainingFailedError):
+            cli.eprint(f"error: training failed: {_root_cause(e)}")
+            return 1
+        raise
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

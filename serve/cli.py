@@ -1,0 +1,173 @@
+"""``textgen generate`` and ``textgen eval``: onnxruntime and numpy only, no TensorFlow.
+
+    textgen generate model.onnx --prompt "alice was " --max-chars 300 --temperature 0.8 --seed 1
+    textgen eval model.onnx --corpus textgen/data/alice_in_wonderland.txt
+
+``generate`` streams the continuation to stdout as it is made (the prompt is not repeated).
+``eval`` prints one JSON line: {"loss_nats", "bpc", "chars", "windows", "unknown_skipped", "split",
+"model_val_loss"}. Mistakes (missing or corrupt model file, bad parameters, unknown prompt
+characters) print ``error: <what was wrong and what to do>`` on stderr and exit with status 2.
+
+``textgen``'s parser imports this module for every command; the generator is imported when a
+command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import sys
+from typing import Callable
+
+from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, GeneratorError
+
+EXIT_USAGE = 2
+BUNDLED_CORPUS = "textgen/data/alice_in_wonderland.txt"
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
+    p.add_argument("--prompt", default="", metavar="TEXT",
+                   help="text to continue (default: empty, start a new paragraph)")
+    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, metavar="N",
+                   help="characters to generate per sample (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help="0 = greedy (always the most likely character); lower is safer, higher "
+                        "is wilder (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely characters only (default: 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample among the most likely characters holding probability P (default: 1 = off)")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="random seed: the same seed gives the same text (default: random, printed on stderr)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="samples to make in one batched pass; sample i uses seed S + i (default: 1)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output ends with TEXT (not printed); repeat for several")
+    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
+                   help="prompt characters outside the model's vocabulary: fail, drop them, or "
+                        "replace them with --replacement (default: %(default)s)")
+    p.add_argument("--replacement", default=" ", metavar="CHAR",
+                   help="the character that replaces unknown ones with --unknown replace (default: space)")
+    p.add_argument("--num-threads", type=int, default=1, metavar="N",
+                   help="onnxruntime intra-op threads (default: 1; 0 = one per core)")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                   help="UTF-8 text file(s) or directories of *.txt, as given to `textgen train`; for "
+                        f"a model trained on the bundled corpus: {BUNDLED_CORPUS}")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the held-out tail that training validated on (its val_fraction); "
+                        "all: the whole text (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="windows per model call (default: %(default)s)")
+    p.add_argument("--num-threads", type=int, default=0, metavar="N",
+                   help="onnxruntime intra-op threads (default: 0 = one per core)")
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    return _run(_generate, args)
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    return _run(_eval, args)
+
+
+def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return command(args)
+    except GeneratorError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except OSError as e:  # unreadable model or corpus file
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from serve.generator import Generator
+
+    if args.num_samples < 1:
+        raise GeneratorError(f"--num-samples must be at least 1, got {args.num_samples}")
+    gen = Generator.load(args.model, num_threads=args.num_threads)
+    seed = args.seed
+    if seed is None and args.temperature != 0:
+        seed = secrets.randbelow(2**31)
+    options = dict(
+        max_chars=args.max_chars, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        stop=args.stop, unknown=args.unknown, replacement=args.replacement,
+    )
+    out = sys.stdout
+    try:
+        if args.num_samples == 1:
+            chars = gen.stream(args.prompt, seed=seed, **options)  # checks every argument
+            _tell_seed(args.seed, seed)
+            for ch in chars:
+                out.write(ch)
+                out.flush()  # one character at a time: the point of streaming
+            out.write("\n")
+        else:
+            texts = gen.generate_batch(args.num_samples, prompt=args.prompt, seed=seed, **options)
+            _tell_seed(args.seed, seed)
+            for i, text in enumerate(texts):
+                which = "greedy" if seed is None else f"seed {seed + i}"
+                out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1}/{len(texts)} ({which}) ---\n{text}\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. `| head`: the reader has all it wanted
+        # Point stdout at /dev/null so that the flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 130
+    return 0
+
+
+def _tell_seed(asked: int | None, used: int | None) -> None:
+    if asked is None and used is not None:
+        print(f"seed {used} (pass --seed {used} to repeat this text)", file=sys.stderr, flush=True)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from serve.onnx_model import OnnxModel
+    from serve.text import read_corpus
+
+    if args.batch_size < 1:
+        raise GeneratorError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = OnnxModel.load(args.model, num_threads=args.num_threads)
+    info = model.info
+    if info.model_config.get("kind", "char") != "char" or not isinstance(info.model_config.get("seq_len"), int):
+        raise GeneratorError(f"{args.model}: textgen.model_config has no char-model seq_len; export it again")
+    seq_len = info.model_config["seq_len"]
+    text = read_corpus(args.corpus, lowercase=info.lowercase)
+    ids, skipped = model.vocabulary.encode_counting(text, unknown="skip", what="corpus")
+    if args.split == "val":
+        val_fraction = info.train_config.get("val_fraction")
+        if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise GeneratorError(
+                f"{args.model} does not say which part of the corpus was held out (no val_fraction in "
+                "textgen.train_config); use --split all"
+            )
+        ids = ids[len(ids) - int(round(len(ids) * val_fraction)) :]
+    if len(ids) < seq_len + 1:
+        raise GeneratorError(
+            f"the {args.split} text has {len(ids)} known characters, fewer than one window of "
+            f"seq_len + 1 = {seq_len + 1}; give a longer corpus"
+        )
+    total, chars, windows = model.window_loss(ids, seq_len, args.batch_size)
+    loss = total / chars
+    print(json.dumps({
+        "loss_nats": loss,
+        "bpc": loss / math.log(2),
+        "chars": chars,
+        "windows": windows,
+        "unknown_skipped": skipped,
+        "split": args.split,
+        "model_val_loss": info.metrics.get("val_loss"),
+    }), flush=True)
+    return 0

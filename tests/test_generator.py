@@ -1,0 +1,387 @@
+"""The generator through real onnxruntime, on the small model trained and exported once per session
+(``small_onnx`` in conftest.py), plus the files it must refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve import GeneratorError
+from serve.generator import Generator
+from serve.onnx_model import ModelFileError, OnnxModel
+
+REPO = Path(__file__).resolve().parents[1]
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "ray", "textgen", "fastapi")
+
+
+@pytest.fixture(scope="module")
+def gen(small_onnx) -> Generator:
+    return Generator.load(small_onnx)
+
+
+class CountingSession:
+    """Wraps an InferenceSession and counts model calls (``run``: prompt; io_binding: steps)."""
+
+    def __init__(self, session):
+        self._session, self.runs, self.steps, self.shapes = session, 0, 0, []
+
+    def run(self, names, feed):
+        self.runs += 1
+        self.shapes.append(feed["char_ids"].shape)
+        return self._session.run(names, feed)
+
+    def run_with_iobinding(self, binding):
+        self.steps += 1
+        return self._session.run_with_iobinding(binding)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+@pytest.fixture
+def counted(small_onnx):
+    g = Generator.load(small_onnx)
+    g.model.session = CountingSession(g.model.session)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_loads_the_contract_from_the_metadata(gen):
+    info = gen.model.info
+    assert len(gen.vocab) == 45 and gen.lowercase is True
+    assert info.state_inputs == ("h_0", "c_0") and info.state_sizes == (32, 32)
+    assert info.model_config["seq_len"] == 32 and info.train_config["val_fraction"] == 0.1
+    assert isinstance(info.metrics["val_loss"], float)
+
+
+def test_generates_max_chars_from_the_vocabulary(gen):
+    text = gen.generate("alice was ", max_chars=200, seed=0)
+    assert isinstance(text, str) and len(text) == 200 and set(text) <= set(gen.vocab)
+    assert gen.generate("alice", max_chars=0, seed=0) == ""
+
+
+def test_same_seed_same_text_other_seed_other_text(gen):
+    a = gen.generate("the queen ", max_chars=100, seed=42)
+    assert gen.generate("the queen ", max_chars=100, seed=42) == a
+    assert gen.generate("the queen ", max_chars=100, seed=43) != a
+
+
+def test_greedy_is_deterministic_without_a_seed(gen):
+    assert gen.generate("alice", max_chars=60, temperature=0) == gen.generate("alice", max_chars=60, temperature=0)
+
+
+def test_stream_yields_the_generated_text_one_character_at_a_time(gen):
+    chars = list(gen.stream("alice ", max_chars=150, seed=5, top_p=0.9))
+    assert all(len(c) == 1 for c in chars)
+    assert "".join(chars) == gen.generate("alice ", max_chars=150, seed=5, top_p=0.9)
+    stop = ["the", "\n"]
+    assert "".join(gen.stream("alice ", max_chars=300, seed=5, stop=stop)) == gen.generate(
+        "alice ", max_chars=300, seed=5, stop=stop
+    )
+
+
+def test_prompt_is_consumed_in_one_call_then_one_character_per_call(counted):
+    prompt = "alice was beginning to get very tired of sitting by her sister"
+    counted.generate(prompt, max_chars=10, seed=1)
+    session = counted.model.session
+    assert (session.runs, session.steps, session.shapes) == (1, 9, [(1, len(prompt))])
+
+
+def test_one_prompt_call_equals_feeding_the_prompt_char_by_char(gen):
+    model = gen.model
+    ids = model.vocabulary.encode("alice was beginning to get very tired")
+    logits, state = model.prefill([ids])  # (1, V): one call
+    stepper = model.stepper(model.zero_state(1))
+    for i in ids:
+        by_char = stepper.step(np.array([i], np.int32))
+    np.testing.assert_allclose(logits, by_char, atol=1e-5)
+    for a, b in zip(state, stepper.state):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_batch_rows_equal_single_generations_with_derived_seeds(gen):
+    prompts = ["alice", "", "the queen said", "ALICE", "alice"]
+    kwargs = dict(max_chars=120, temperature=0.9, top_k=20, stop=[".", "!"])
+    batch = gen.generate_batch(prompts, seed=11, **kwargs)
+    assert batch == [gen.generate(p, seed=11 + i, **kwargs) for i, p in enumerate(prompts)]
+    assert batch[3] == gen.generate("alice", seed=14, **kwargs)  # lowercased model
+    seeds = [5, 5, 9, 1, 2]
+    assert gen.generate_batch(prompts, seed=seeds, **kwargs) == [
+        gen.generate(p, seed=s, **kwargs) for p, s in zip(prompts, seeds)
+    ]
+
+
+def test_batch_of_n_samples_of_one_prompt(counted):
+    texts = counted.generate_batch(8, prompt="alice ", max_chars=50, seed=3)
+    assert len(texts) == 8 and len(set(texts)) == 8 and all(len(t) == 50 for t in texts)
+    session = counted.model.session
+    assert (session.runs, session.shapes) == (1, [(1, 6)])  # the prompt ran once for all rows
+    assert session.steps == 49  # one batched call per step
+    greedy = counted.generate_batch(3, prompt="alice", max_chars=30, temperature=0)
+    assert greedy == [counted.generate("alice", max_chars=30, temperature=0)] * 3
+
+
+def test_rows_that_stop_leave_the_batch(gen):
+    texts = gen.generate_batch(6, prompt="alice ", max_chars=400, seed=0, stop=" ")
+    full = gen.generate_batch(6, prompt="alice ", max_chars=400, seed=0)
+    for t, f in zip(texts, full):
+        assert " " not in t and f.startswith(t + " ")
+
+
+def _cut_at_first_stop(full: str, stops: list[str]) -> str:
+    for n in range(1, len(full) + 1):
+        for s in stops:
+            if full[:n].endswith(s):
+                return full[: n - len(s)]
+    return full
+
+
+def test_stop_string_ends_generation_and_is_not_included(gen):
+    full = gen.generate("alice ", max_chars=400, seed=2)
+    for stop in (["the"], ["he", "a"], ["\n", "th"], ["alice"]):
+        assert gen.generate("alice ", max_chars=400, seed=2, stop=stop) == _cut_at_first_stop(full, stop)
+    assert gen.generate("alice ", max_chars=400, seed=2, stop="never-made~") == full
+
+
+def test_stop_stream_holds_back_only_possible_stop_prefixes():
+    """StopStream (used by ``stream``) releases exactly the text up to the first stop, for random
+    texts and overlapping stop strings, and holds back nothing that cannot start a stop."""
+    from serve.text import StopStrings
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        text = "".join(rng.choice(list("abc"), size=30))
+        stops = ["".join(rng.choice(list("abc"), size=rng.integers(1, 4))) for _ in range(rng.integers(1, 3))]
+        stream, released = StopStrings(stops).stream(), []
+        for ch in text:
+            released.append(stream.push(ch))
+            assert len(stream.held) < max(map(len, stops))
+            if stream.stopped:
+                break
+        if not stream.stopped:
+            released.append(stream.flush())
+        assert "".join(released) == _cut_at_first_stop(text, stops), (text, stops)
+
+
+def test_prompt_is_lowercased_for_a_lowercased_model(gen):
+    assert gen.generate("ALICE Was", max_chars=80, seed=9) == gen.generate("alice was", max_chars=80, seed=9)
+
+
+def test_empty_prompt_starts_from_a_newline(gen):
+    text = gen.generate("", max_chars=80, seed=4)
+    assert len(text) == 80 and text == gen.generate("\n", max_chars=80, seed=4)
+
+
+def test_unknown_prompt_characters(gen):
+    with pytest.raises(GeneratorError) as info:
+        gen.generate("alicé costs 5€", max_chars=10, seed=1)
+    message = str(info.value)
+    assert "unknown characters in prompt: '5', 'é', '€' (model vocabulary: 45 chars)" in message
+    assert "skip" in message and "replace" in message
+    skip = gen.generate("alicé€", max_chars=50, seed=1, unknown="skip")
+    assert skip == gen.generate("alic", max_chars=50, seed=1)
+    replace = gen.generate("alicé€", max_chars=50, seed=1, unknown="replace")
+    assert replace == gen.generate("alic  ", max_chars=50, seed=1)
+    assert gen.generate("é", max_chars=20, seed=1, unknown="skip") == gen.generate("", max_chars=20, seed=1)
+    with pytest.raises(GeneratorError, match="replacement character '#' is not in the model vocabulary"):
+        gen.generate("é", unknown="replace", replacement="#")
+    with pytest.raises(GeneratorError, match="policy must be one of error, skip, replace"):
+        gen.generate("a", unknown="ignore")
+
+
+def test_one_generator_serves_threads(gen):
+    expected = [gen.generate("alice", max_chars=200, seed=s) for s in range(4)]
+    got = [None] * 4
+
+    def work(i):
+        got[i] = gen.generate("alice", max_chars=200, seed=i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-3), "top_k must be >= 0"),
+        (dict(max_chars=-1), "max_chars must be at least 0"),
+        (dict(max_chars=100_001), "max_chars must be at most 100,000"),
+        (dict(max_chars=2.5), "max_chars must be an integer"),
+        (dict(stop=5), "stop must be a string or a list of strings"),
+        (dict(stop=["a", 1]), "stop must be a string or a list of strings"),
+        (dict(stop=""), "stop strings must not be empty"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(seed="x"), "seed must be an integer >= 0"),
+    ],
+)
+def test_bad_parameters_raise_generator_error_before_any_output(gen, kwargs, message):
+    with pytest.raises(GeneratorError, match=message):
+        gen.stream("alice", **kwargs)  # raises on the call, not on the first next()
+    with pytest.raises(ValueError, match=message):
+        gen.generate("alice", **kwargs)
+
+
+def test_bad_batch_arguments(gen):
+    with pytest.raises(GeneratorError, match="prompts must be a list of strings"):
+        gen.generate_batch("alice")
+    with pytest.raises(GeneratorError, match="number of samples must be at least 1"):
+        gen.generate_batch(0)
+    with pytest.raises(GeneratorError, match="got 2 seeds for 3 prompts"):
+        gen.generate_batch(["a", "b", "c"], seed=[1, 2])
+    with pytest.raises(GeneratorError, match="a prompt must be a string"):
+        gen.generate_batch(["a", None])
+    with pytest.raises(GeneratorError, match="4,000 prompts x max_chars 100,000 is more than 16,000,000"):
+        gen.generate_batch(4000, max_chars=100_000)
+
+
+def test_caps_are_configurable(small_onnx):
+    g = Generator.load(small_onnx, max_chars_cap=10, max_prompt_chars=5)
+    assert len(g.generate("alice", max_chars=10, seed=0)) == 10
+    with pytest.raises(GeneratorError, match="max_chars must be at most 10"):
+        g.generate("alice", max_chars=11)
+    with pytest.raises(GeneratorError, match="the prompt has 6 characters, more than the limit of 5"):
+        g.generate("alice ", max_chars=1)
+    with pytest.raises(GeneratorError, match="num_threads must be an integer >= 0"):
+        Generator.load(small_onnx, num_threads=-1)
+
+
+def test_session_options_can_be_given(small_onnx, gen):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    g = Generator.load(small_onnx, session_options=options, num_threads=2)
+    assert options.intra_op_num_threads == 2
+    assert g.generate("alice", max_chars=40, seed=8) == gen.generate("alice", max_chars=40, seed=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not a textgen model
+
+
+def test_missing_empty_directory_and_non_onnx_files(tmp_path, small_onnx):
+    with pytest.raises(ModelFileError, match="does not exist; export a checkpoint with `textgen export"):
+        Generator.load(tmp_path / "nope.onnx")
+    with pytest.raises(ModelFileError, match="is a directory"):
+        Generator.load(tmp_path)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"is empty \(0 bytes\)"):
+        Generator.load(tmp_path / "empty.onnx")
+    (tmp_path / "text.onnx").write_text("this is not a model\n")
+    with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
+        Generator.load(tmp_path / "text.onnx")
+    data = Path(small_onnx).read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
+        Generator.load(tmp_path / "truncated.onnx")
+
+
+def _with_metadata(src: Path, dst: Path, **changes: str | None) -> Path:
+    import onnx
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    for k, v in changes.items():
+        key = "textgen." + k
+        if v is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = v
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_onnx_without_textgen_metadata(tmp_path, small_onnx):
+    path = _with_metadata(small_onnx, tmp_path / "m.onnx", vocab=None, state_sizes=None)
+    with pytest.raises(ModelFileError, match=r"has no textgen metadata \(textgen.vocab, textgen.state_sizes missing\)"):
+        Generator.load(path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(format_version="2"), "format_version '2'; this generator reads version 1"),
+        (dict(vocab="not json"), "metadata textgen.vocab is not valid JSON"),
+        (dict(vocab='["a", "a"]'), "textgen.vocab must be a list of two or more distinct"),
+        (dict(lowercase='"yes"'), "textgen.lowercase must be true or false"),
+        (dict(state_sizes="[64, 64]"), r"input 'h_0' is tensor\(float\) \[.*32\], expected tensor\(float\) \(\?, 64\)"),
+        (dict(vocab=json.dumps(list("abc"))), r"logits.*expected tensor\(float\) \(\?, \?, 3\)"),
+    ],
+)
+def test_onnx_with_bad_metadata(tmp_path, small_onnx, changes, message):
+    path = _with_metadata(small_onnx, tmp_path / "m.onnx", **changes)
+    with pytest.raises(ModelFileError, match=message):
+        Generator.load(path)
+
+
+def test_onnx_with_the_wrong_inputs_and_outputs(tmp_path, small_onnx):
+    """A valid ONNX graph with textgen metadata whose signature breaks the contract."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    meta = {p.key: p.value for p in onnx.load(str(small_onnx)).metadata_props}
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["char_ids"], ["logits"]), helper.make_node("Identity", ["h_0"], ["h_0_out"])],
+        "wrong",
+        [helper.make_tensor_value_info("char_ids", TensorProto.FLOAT, ["B", "T", 45]),
+         helper.make_tensor_value_info("h_0", TensorProto.FLOAT, ["B", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", 45]),
+         helper.make_tensor_value_info("h_0_out", TensorProto.FLOAT, ["B", 32])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    with pytest.raises(ModelFileError) as info:
+        OnnxModel.load(tmp_path / "wrong.onnx")
+    message = str(info.value)
+    assert "does not match the textgen step-model contract" in message
+    assert "input 'char_ids' is tensor(float)" in message and "expected tensor(int32) (?, ?)" in message
+    assert "missing input 'c_0'" in message and "missing output 'c_0_out'" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator needs numpy and onnxruntime only
+
+
+def test_generator_process_imports_no_training_stack(small_onnx, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from serve import Generator
+        gen = Generator.load({str(small_onnx)!r})
+        text = gen.generate("alice", max_chars=20, seed=1) + "".join(gen.stream("", max_chars=5, seed=1))
+        gen.generate_batch(2, max_chars=5, seed=1)
+        import serve.cli
+        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({FORBIDDEN!r}))
+        print(json.dumps({{"text": text, "loaded": loaded}}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, not an installed copy
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert len(result["text"]) == 25
+    assert result["loaded"] == [], f"the generator imported {result['loaded']}"

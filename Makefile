@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= train,serve,rayserve,dev
 STAMP := $(VENV)/.installed
-# Training budget of `make run`, in minutes (a few on a 2-core laptop). Train longer with e.g.
+# `make run`: the Ray job on a local Ray (2 workers) -> best checkpoint -> ONNX -> a sample.
+# Its training budget is MINUTES (a few on a 2-core laptop). Train longer with e.g.
 #   make run MINUTES=30
+# Running it again with the same NAME continues the same run (Ray resumes from its last checkpoint).
 MINUTES ?= 5
-OUT ?= runs/make-run
-
+NAME ?= make-run
+RUNS := $(CURDIR)/runs
 .PHONY: venv run test test-fast bench lock clean
 
 venv: $(STAMP)
@@ -21,7 +23,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/textgen train --preset default --max-minutes $(MINUTES) --out $(OUT) $$(test -d $(OUT)/last && echo --resume)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m jobs.train --preset default --max-minutes $(MINUTES) \
+		--num-workers 2 --storage-path $(RUNS) --name $(NAME)
+	$(BIN)/textgen export $(RUNS)/$(NAME) --out $(RUNS)/$(NAME).onnx
+	$(BIN)/textgen generate $(RUNS)/$(NAME).onnx --prompt "alice was beginning" --max-chars 600 \
+		--temperature 0.8 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
@@ -29,8 +35,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# Benchmarks print JSON lines; figures and commands are recorded in bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.generation --model $(RUNS)/$(NAME).onnx
 
 # Re-pin every transitive dependency after changing pyproject.toml (needs the package index).
 lock:

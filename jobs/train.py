@@ -211,15 +211,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if best is None:
         raise TextgenError(f"the run {result.path} finished without a checkpoint")
     best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    last_metrics = result.metrics or best_metrics  # None when a resumed run had nothing left to do
     return {
         "best_checkpoint": checkpoint_uri(best),
         "best_val_loss": best_metrics["val_loss"],
         "best_val_bpc": best_metrics["val_bpc"],
         "best_epoch": best_metrics["epoch"],
-        "epochs": result.metrics["epoch"],
+        "epochs": last_metrics["epoch"],
         "num_workers": args.num_workers,
         "run_path": result.path if "://" not in storage else f"{storage.split('://')[0]}://{result.path}",
-        "chars_per_s": result.metrics["chars_per_s"],
+        "chars_per_s": last_metrics["chars_per_s"],
     }
 
 

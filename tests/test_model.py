@@ -76,14 +76,14 @@ def test_fused_cpu_lstm_matches_keras_lstm_forward_and_gradients(return_sequence
     import keras
     import tensorflow as tf
 
-    from textgen.model import CpuFusedLSTM
+    from textgen.model import LSTM as FusedLSTM
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(3, 7, 5)).astype(np.float32))
     h0 = tf.constant(rng.normal(size=(3, 16)).astype(np.float32))
     c0 = tf.constant(rng.normal(size=(3, 16)).astype(np.float32))
     ref = keras.layers.LSTM(16, return_sequences=return_sequences, return_state=True)
-    fused = CpuFusedLSTM(16, return_sequences=return_sequences, return_state=True)
+    fused = FusedLSTM(16, return_sequences=return_sequences, return_state=True)
     ref(x, initial_state=[h0, c0])
     fused(x, initial_state=[h0, c0])
     fused.set_weights([w + 0.1 * rng.normal(size=w.shape).astype(np.float32) for w in ref.get_weights()])

@@ -33,13 +33,16 @@ def _policy(mixed_precision: bool) -> str | None:
     return "mixed_float16" if mixed_precision else None
 
 
-class CpuFusedLSTM(keras.layers.LSTM):
+class LSTM(keras.layers.LSTM):
     """``keras.layers.LSTM`` whose CPU path runs the whole sequence in TensorFlow's fused
     ``BlockLSTM`` kernel (one op forward, one backward) instead of a ``while_loop`` of small ops.
 
     Same weights, same numbers (tests check forward and gradients against the parent class). Used
     only when the parent would not take cuDNN: with a GPU present, or a mask, reversed input,
     input dropout or a non-float32 dtype, the parent's own path runs unchanged.
+
+    The class is named ``LSTM`` on purpose: Keras 3 keys ``.weights.h5`` entries by snake-cased class
+    name ("lstm", "lstm_1"), so checkpoints stay interchangeable with plain ``keras.layers.LSTM``.
     """
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
@@ -75,7 +78,7 @@ class CpuFusedLSTM(keras.layers.LSTM):
 
 
 def _lstm(units: int, index: int, dtype: str | None, fused_cpu: bool = True, **kwargs) -> keras.layers.LSTM:
-    cls = CpuFusedLSTM if fused_cpu else keras.layers.LSTM
+    cls = LSTM if fused_cpu else keras.layers.LSTM
     return cls(
         units,
         activation="tanh",

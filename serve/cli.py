@@ -1,12 +1,16 @@
-"""``textgen generate`` and ``textgen eval``: onnxruntime and numpy only, no TensorFlow.
+"""``textgen generate``, ``textgen eval`` and ``textgen serve``: onnxruntime and numpy (and for
+``serve`` the web stack), no TensorFlow.
 
     textgen generate model.onnx --prompt "alice was " --max-chars 300 --temperature 0.8 --seed 1
     textgen eval model.onnx --corpus textgen/data/alice_in_wonderland.txt
+    textgen serve model.onnx --port 8000          # HTTP on 127.0.0.1 (serve/http.py)
 
 ``generate`` streams the continuation to stdout as it is made (the prompt is not repeated).
 ``eval`` prints one JSON line: {"loss_nats", "bpc", "chars", "windows", "unknown_skipped", "split",
-"model_val_loss"}. Mistakes (missing or corrupt model file, bad parameters, unknown prompt
-characters) print ``error: <what was wrong and what to do>`` on stderr and exit with status 2.
+"model_val_loss"}. ``serve`` runs uvicorn until stopped (Ctrl-C / SIGTERM: in-flight requests get
+up to ``GRACEFUL_SHUTDOWN_S`` to finish); its limits come from flags, else ``TEXTGEN_*``
+environment variables, else ``serve.engine.ServeSettings``' defaults. Mistakes (missing or
+corrupt model file, bad parameters, unknown prompt characters) print ``error: <what was wrong and what to do>`` on stderr and exit with status 2.
 
 ``textgen``'s parser imports this module for every command; the generator is imported when a
 command runs.
@@ -26,6 +30,19 @@ from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, GeneratorError
 
 EXIT_USAGE = 2
 BUNDLED_CORPUS = "textgen/data/alice_in_wonderland.txt"
+GRACEFUL_SHUTDOWN_S = 20  # below Kubernetes' default 30 s grace period, so the pod exits on its own
+WORKERS_ENV = "TEXTGEN_WORKERS"
+MODEL_ENV = "TEXTGEN_MODEL"  # read by serve.http:app_from_env (the uvicorn factory of --workers > 1)
+SERVE_SETTING_HELP = {  # ServeSettings field -> help; defaults and env names are added below
+    "max_chars_cap": "most characters a request may ask for per sample",
+    "max_prompt_chars": "longest prompt accepted",
+    "max_n": "most samples per request",
+    "max_rows": "in-flight limit: rows (the sum of n) being served; more gets 429 + Retry-After",
+    "max_body_bytes": "largest request body; larger gets 413",
+    "threads": "onnxruntime intra-op threads of the engine (0 = one per core)",
+    "stream_interval_ms": "streamed characters are sent in chunks at most this old (the first at once)",
+    "retry_after_s": "the Retry-After of a 429",
+}
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -70,12 +87,37 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime intra-op threads (default: 0 = one per core)")
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from serve.engine import ServeSettings
+
+    p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: %(default)s, this machine only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help=f"server processes, each with its own model and engine; the limits below apply per "
+                        f"process (default: 1, or ${WORKERS_ENV})")
+    for f in dataclasses.fields(ServeSettings):
+        kind = float if f.type == "float" else int
+        env = ServeSettings.env_name(f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="X" if kind is float else "N",
+                       help=f"{SERVE_SETTING_HELP[f.name]} (default: {f.default}, or ${env})")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                   help="uvicorn's log level; info includes one access line per request (default: %(default)s)")
+
+
 def generate_main(args: argparse.Namespace) -> int:
     return _run(_generate, args)
 
 
 def eval_main(args: argparse.Namespace) -> int:
     return _run(_eval, args)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    return _run(_serve, args)
 
 
 def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -170,4 +212,40 @@ def _eval(args: argparse.Namespace) -> int:
         "split": args.split,
         "model_val_loss": info.metrics.get("val_loss"),
     }), flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import uvicorn
+
+    from serve.engine import ServeSettings
+    from serve.generator import Generator
+    from serve.http import create_app
+
+    settings = ServeSettings.from_env(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    workers = args.workers
+    if workers is None:
+        raw = os.environ.get(WORKERS_ENV, "").strip() or "1"
+        if not raw.isdigit():
+            raise GeneratorError(f"{WORKERS_ENV}={raw!r} is not a number of processes")
+        workers = int(raw)
+    if workers < 1:
+        raise GeneratorError(f"--workers must be at least 1, got {workers}")
+    if not 0 <= args.port <= 65535:
+        raise GeneratorError(f"--port must be 0 to 65535, got {args.port}")
+    # Load here in every case: a bad model file fails now, with a clear message, before binding.
+    gen = Generator.load(args.model, num_threads=settings.threads, max_chars_cap=settings.max_chars_cap,
+                         max_prompt_chars=settings.max_prompt_chars)
+    options = dict(host=args.host, port=args.port, log_level=args.log_level,
+                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    if workers == 1:
+        uvicorn.run(create_app(generator=gen, settings=settings), **options)
+    else:  # each worker process builds its app from the environment
+        os.environ[MODEL_ENV] = os.path.abspath(args.model)
+        for f in dataclasses.fields(ServeSettings):
+            os.environ[ServeSettings.env_name(f.name)] = str(getattr(settings, f.name))
+        del gen
+        uvicorn.run("serve.http:app_from_env", factory=True, workers=workers, **options)
     return 0

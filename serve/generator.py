@@ -164,6 +164,13 @@ class Generator:
             pass
         return run.texts()
 
+    def encode(self, prompt: str, unknown: str = "error", replacement: str = " ") -> np.ndarray:
+        """The ids (T,) int32 the model is fed for ``prompt``: checked against ``max_prompt_chars``,
+        lowercased if the model is, unknown characters handled by the policy, and the start
+        character for an empty prompt. For front ends that run the steps themselves
+        (``serve/engine.py``)."""
+        return self._encode(prompt, unknown, replacement)
+
     # -- internals ------------------------------------------------------------------------------
 
     def _prepare(self, prompts, max_chars, temperature, top_k, top_p, seeds, stop, unknown, replacement) -> _Run:

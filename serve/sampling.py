@@ -197,3 +197,43 @@ class RowUniforms:
         """Drop every row not in ``rows`` (indices into the current rows, in order)."""
         self.rngs = [self.rngs[i] for i in rows]
         self._buf = self._buf[rows]
+
+
+def sample_rows(
+    logits: np.ndarray,
+    uniforms: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+) -> np.ndarray:
+    """``Sampler`` with its own parameters for every row, in one vectorised pass (for a batch of
+    requests that share model calls, see ``serve/engine.py``).
+
+    logits (B, V), uniforms (B,) in [0, 1), temperature (B,), top_k (B,), top_p (B,) -> (B,) int32.
+    Row b gets exactly ``Sampler(temperature[b], top_k[b], top_p[b])(logits[b:b+1], uniforms[b:b+1])``,
+    bit for bit: a processor that ``Sampler`` would skip for a row (temperature 1, top_k 0 or >= V,
+    top_p 1) leaves that row untouched here too, and greedy rows (temperature 0) take the argmax of
+    the raw logits and ignore their uniform. Parameters are not checked: build a ``Sampler`` per
+    request first, which rejects bad values."""
+    b, v = logits.shape
+    greedy_rows = temperature == 0
+    scale = np.where((temperature == 1) | greedy_rows, 1.0, temperature).astype(np.float32)[:, None]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    x = np.where(scale == 1, logits, shifted / scale)  # (B, V) Temperature where Sampler applies it
+    rows = np.arange(b)
+    cut_k = (top_k > 0) & (top_k < v) & ~greedy_rows
+    if cut_k.any():
+        kth = np.sort(x, axis=-1)[rows, v - np.where(cut_k, top_k, 1)]  # (B,) the k-th largest
+        x = np.where(cut_k[:, None] & (x < kth[:, None]), -np.inf, x)
+    cut_p = (top_p < 1.0) & ~greedy_rows
+    if cut_p.any():
+        desc = np.sort(x, axis=-1)[:, ::-1]
+        e = np.exp(desc - desc[:, :1])
+        cum = np.cumsum(e, axis=-1, dtype=np.float64)
+        n_keep = ((cum - e) < top_p.astype(np.float64)[:, None] * cum[:, -1:]).sum(axis=-1)  # (B,)
+        threshold = desc[rows, n_keep - 1]
+        x = np.where(cut_p[:, None] & (x < threshold[:, None]), -np.inf, x)
+    ids = draw(x, uniforms)
+    if greedy_rows.any():
+        ids = np.where(greedy_rows, greedy(logits), ids)
+    return ids

@@ -157,6 +157,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.cli import serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgen", description="Character-level LSTM text generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from export.cli import add_export_args
-    from serve.cli import add_eval_args, add_generate_args
+    from serve.cli import add_eval_args, add_generate_args, add_serve_args
 
     p = sub.add_parser("export", help="export a checkpoint to one ONNX file (needs the train extra)")
     add_export_args(p)
@@ -180,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss of an ONNX model on a corpus")
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("serve", help="HTTP generation service on uvicorn (needs the serve extra; no TensorFlow)")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

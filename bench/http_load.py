@@ -1,0 +1,351 @@
+"""HTTP load benchmark: concurrent streaming clients against a real ``textgen serve``, one JSON line
+per result.
+
+    python -m bench.http_load --model runs/default/model.onnx
+    python -m bench.http_load --model M --phases 8,32,32 --requests 20 --max-chars 500 --time-limit 120
+    python -m bench.http_load --model M --client httpx --skip-batch --server-arg=--stream-interval-ms=20
+
+The server runs as a subprocess on 127.0.0.1 (a free port); the clients are streams of one
+``aiohttp.ClientSession`` (or ``httpx.AsyncClient`` with ``--client httpx``) in this process, each
+sending its requests one after another (``stream: true``, parsing the Server-Sent Events). Printed:
+
+  batch_in_process  ``Generator.generate_batch`` of 64 streams, one thread (bench/generation.py's
+                    figure), measured here first, while nothing else runs: the reference
+  server            the command line, its RSS once loaded
+  phase             per number of concurrent clients: requests, errors and HTTP statuses, time to
+                    first character (request sent -> first ``delta`` event) p50/p99, request time
+                    p50/p99, characters/s over the phase, CPU per character of the server process
+                    and of the clients (this process), the server's RSS after it
+  summary           the goals: TTFC p99 <= 100 ms at 8 streams; throughput with the most clients
+                    (the mean of those phases) >= 50% of batch_in_process; zero errors and zero 5xx
+                    (every phase stays within the server's in-flight limit); the server's RSS once
+                    loaded and after each phase, and its growth between the last two equal phases
+
+The machine is shared by the server, the clients and whatever else runs: the clients' own CPU
+(SSE parsing in Python) is part of what is measured, as it would be on one box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "runs" / "default" / "model.onnx"
+GOALS = {"ttfc_p99_ms_at_8": 100.0, "throughput_vs_batch": 0.5}
+SAMPLING = dict(temperature=0.8, top_k=0, top_p=0.95)  # bench/generation.py's
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def parse_event(block: bytes) -> tuple[str | None, str]:
+    """One Server-Sent Event (its lines without the blank line) -> (event name, data)."""
+    event, data = None, []
+    for line in block.decode().splitlines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    return event, "\n".join(data)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def rss_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: in-process batch
+
+
+def batch_in_process(model: Path, streams: int, chars: int) -> dict:
+    sys.path.insert(0, str(REPO))
+    from bench.generation import batch
+    from serve import Generator
+
+    return {**batch(Generator.load(model, num_threads=1), streams, chars, threads=1), "bench": "batch_in_process"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    argv = [str(Path(sys.executable).parent / "textgen"), "serve", str(model), "--port", str(port),
+            "--max-rows", str(args.max_rows), "--log-level", "warning", *args.server_arg]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.argv = argv  # type: ignore[attr-defined]
+    return proc
+
+
+async def wait_ready(client, base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        try:
+            if (await client.get(f"{base}/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"server not ready after {timeout} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+
+
+async def one_request(client: Client, body: dict, result: dict) -> None:
+    """One streaming request; records status, TTFC, chars and the request time into ``result``."""
+    t0 = time.perf_counter()
+    first = None
+    chars = 0
+    async with client.post(body) as (status, chunks):
+        result["statuses"][status] = result["statuses"].get(status, 0) + 1
+        if status != 200:
+            text = b"".join([c async for c in chunks]).decode(errors="replace")
+            result["errors"].append(f"HTTP {status}: {text[:200]}")
+            return
+        buffer = b""
+        async for chunk in chunks:  # events split by hand: a line iterator costs more
+            buffer += chunk
+            *events, buffer = EVENT_END.split(buffer)
+            for block in events:
+                event, data = parse_event(block)
+                if event == "delta":
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    chars += len(json.loads(data)["text"])
+                elif event == "error":
+                    result["errors"].append(data)
+    elapsed = time.perf_counter() - t0
+    if first is not None:
+        result["ttfc"].append(first)
+    result["latency"].append(elapsed)
+    result["chars"] += chars
+    if chars != body["max_chars"]:
+        result["errors"].append(f"short stream: {chars} of {body['max_chars']} characters")
+
+
+class Client:
+    """POST /v1/generate with aiohttp (C HTTP parser: ~5 µs of client CPU per character here) or
+    httpx (pure-Python h11: ~30 µs, which on a 2-core box takes CPU from the server it measures)."""
+
+    def __init__(self, kind: str, base: str, connections: int) -> None:
+        self.kind, self.url = kind, f"{base}/v1/generate"
+        if kind == "aiohttp":
+            import aiohttp
+
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                                 timeout=aiohttp.ClientTimeout(total=120))
+        else:
+            import httpx
+
+            self.session = httpx.AsyncClient(limits=httpx.Limits(max_connections=connections,
+                                                                 max_keepalive_connections=connections),
+                                             timeout=httpx.Timeout(120.0))
+
+    @contextlib.asynccontextmanager
+    async def post(self, body: dict):
+        """-> (status, async iterator of body chunks)"""
+        if self.kind == "aiohttp":
+            async with self.session.post(self.url, json=body) as response:
+                yield response.status, response.content.iter_any()
+        else:
+            async with self.session.stream("POST", self.url, json=body) as response:
+                yield response.status_code, response.aiter_raw()
+
+    async def close(self) -> None:
+        await (self.session.close() if self.kind == "aiohttp" else self.session.aclose())
+
+
+async def client_loop(client: Client, index: int, args: argparse.Namespace, deadline: float,
+                      result: dict) -> None:
+    for i in range(args.requests):
+        if time.monotonic() > deadline:
+            result["cut_by_time_limit"] = True
+            return
+        body = {"prompt": args.prompt, "max_chars": args.max_chars, "stream": True,
+                "seed": index * 100_000 + i, **SAMPLING}
+        try:
+            await one_request(client, body, result)
+        except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the bench
+            result["errors"].append(f"{type(e).__name__}: {e}")
+
+
+async def phase(base: str, proc: subprocess.Popen, clients: int, args: argparse.Namespace) -> dict:
+    import httpx
+
+    result = {"statuses": {}, "errors": [], "ttfc": [], "latency": [], "chars": 0, "cut_by_time_limit": False}
+    client = Client(args.client, base, clients + 4)
+    try:
+        t0 = time.perf_counter()
+        server_cpu0, client_cpu0 = cpu_s(proc.pid), own_cpu_s()
+        deadline = time.monotonic() + args.time_limit
+        await asyncio.gather(*(client_loop(client, c, args, deadline, result) for c in range(clients)))
+        wall = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_s(proc.pid) - server_cpu0, own_cpu_s() - client_cpu0
+    finally:
+        await client.close()
+    async with httpx.AsyncClient(timeout=10) as http:
+        stats = (await http.get(f"{base}/v1/stats")).json()
+    ms = lambda v: None if v is None else round(1000 * v, 2)  # noqa: E731
+    fives = sum(n for status, n in result["statuses"].items() if status >= 500)
+    return {
+        "bench": "phase", "client": args.client, "clients": clients, "requests": sum(result["statuses"].values()),
+        "statuses": {str(k): v for k, v in sorted(result["statuses"].items())}, "errors": len(result["errors"]),
+        "first_errors": result["errors"][:5], "http_5xx": fives, "cut_by_time_limit": result["cut_by_time_limit"],
+        "ttfc_ms_p50": ms(percentile(result["ttfc"], 50)), "ttfc_ms_p99": ms(percentile(result["ttfc"], 99)),
+        "ttfc_ms_max": ms(max(result["ttfc"], default=None)),
+        "request_s_p50": percentile(result["latency"], 50), "request_s_p99": percentile(result["latency"], 99),
+        "chars": result["chars"], "wall_s": round(wall, 3), "chars_per_s": round(result["chars"] / wall, 1),
+        "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+        "server_cpu_us_per_char": round(1e6 * server_cpu / max(result["chars"], 1), 1),
+        "client_cpu_us_per_char": round(1e6 * client_cpu / max(result["chars"], 1), 1),
+        "server_rss_mb": round(rss_mb(proc.pid), 1), "server_rows_in_flight_after": stats["rows_in_flight"],
+    }
+
+
+async def run_load(model: Path, args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    import httpx
+
+    port = args.port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(model, port, args)
+    phases = []
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await wait_ready(http, base, proc)
+        # Warm-up: the first requests pay for lazy allocations.
+        client = Client(args.client, base, 8)
+        try:
+            warm = {"statuses": {}, "errors": [], "ttfc": [], "latency": [], "chars": 0}
+            await asyncio.gather(*(one_request(client, {"prompt": args.prompt, "max_chars": 50, "stream": True,
+                                                        "seed": i}, warm) for i in range(4)))
+        finally:
+            await client.close()
+        server = {"bench": "server", "argv": proc.argv[1:], "port": port,  # type: ignore[attr-defined]
+                  "rss_mb_loaded": round(rss_mb(proc.pid), 1)}
+        emit(server)
+        for clients in args.phases:
+            if clients > args.max_rows:
+                raise SystemExit(f"--phases {clients} is above the server's --max-rows {args.max_rows}: "
+                                 "requests would be refused (429); raise --max-rows")
+            p = await phase(base, proc, clients, args)
+            emit(p)
+            phases.append(p)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return server, phases
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="exported model (default: %(default)s)")
+    p.add_argument("--phases", default="8,32,32",
+                   help="concurrent streaming clients per phase, comma-separated; repeat the last to see whether "
+                        "the server's RSS grows between equal phases (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=20, help="requests per client (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=500, help="characters per request (default: %(default)s)")
+    p.add_argument("--prompt", default="alice was ", help="prompt of every request (default: %(default)r)")
+    p.add_argument("--time-limit", type=float, default=120, help="seconds per phase; clients stop starting "
+                                                                 "requests after it (default: %(default)s)")
+    p.add_argument("--max-rows", type=int, default=64, help="the server's in-flight limit (default: %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
+                   help="HTTP client library of the load (default: %(default)s; see Client)")
+    p.add_argument("--batch-streams", type=int, default=64, help="rows of the in-process reference (default: 64)")
+    p.add_argument("--batch-chars", type=int, default=1000,
+                   help="characters per row of the reference (default: %(default)s)")
+    p.add_argument("--skip-batch", action="store_true", help="do not measure the in-process reference")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `textgen serve` (repeat; e.g. --server-arg=--stream-interval-ms=10)")
+    args = p.parse_args(argv)
+    args.phases = [int(x) for x in args.phases.split(",") if x.strip()]
+    if not args.model.exists():
+        raise SystemExit(f"no model at {args.model}: train and export one, or pass --model")
+    if args.client == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+        raise SystemExit("aiohttp is not installed (pip install aiohttp, or use --client httpx)")
+
+    reference = None
+    if not args.skip_batch:
+        reference = batch_in_process(args.model, args.batch_streams, args.batch_chars)
+        emit(reference)
+    server, phases = asyncio.run(run_load(args.model, args))
+    at8 = next((ph for ph in phases if ph["clients"] == 8), None)
+    most = max(ph["clients"] for ph in phases)
+    throughput = sum(ph["chars_per_s"] for ph in phases if ph["clients"] == most) / sum(
+        ph["clients"] == most for ph in phases)  # the mean of the phases with the most clients
+    ratio = None if reference is None else throughput / reference["chars_per_s"]
+    same = [ph for ph in phases if ph["clients"] == phases[-1]["clients"]]
+    summary = {
+        "bench": "summary",
+        "errors": sum(ph["errors"] for ph in phases), "http_5xx": sum(ph["http_5xx"] for ph in phases),
+        "ttfc_ms_p99_at_8": at8 and at8["ttfc_ms_p99"],
+        "throughput_chars_per_s": round(throughput, 1), "throughput_clients": most,
+        "batch_in_process_chars_per_s": reference and round(reference["chars_per_s"], 1),
+        "throughput_vs_batch": None if ratio is None else round(ratio, 3),
+        "server_rss_mb_loaded": server["rss_mb_loaded"],
+        "server_rss_mb_after_phases": [ph["server_rss_mb"] for ph in phases],
+        "server_rss_growth_mb_between_equal_phases": (
+            round(same[-1]["server_rss_mb"] - same[-2]["server_rss_mb"], 1) if len(same) > 1 else None),
+        "goals": GOALS,
+    }
+    summary["meets_goal"] = (
+        summary["errors"] == 0 and summary["http_5xx"] == 0
+        and (at8 is None or at8["ttfc_ms_p99"] is not None and at8["ttfc_ms_p99"] <= GOALS["ttfc_p99_ms_at_8"])
+        and (ratio is None or ratio >= GOALS["throughput_vs_batch"])
+    )
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""The HTTP service: FastAPI routes over the batching engine (``serve/engine.py``), run by uvicorn
+(``textgen serve``) or by Ray Serve (``serve/ray_serve.py``) from the same factory, ``create_app``.
+
+Routes
+    POST /v1/generate   JSON request (``GenerateRequest``) -> JSON response, or a stream of
+                        Server-Sent Events when the request says ``"stream": true``
+    GET  /healthz       liveness: the process answers and its engine thread runs
+    GET  /readyz        readiness: the model is loaded and the engine accepts requests (503 when
+                        not, e.g. while shutting down); the body holds the engine's counters
+    GET  /v1/model      the model's metadata (vocabulary, settings, training metrics) and limits
+    GET  /v1/stats      the engine's counters (rows in flight, steps, characters, ...)
+    GET  /openapi.json, /docs   the OpenAPI schema and its browser
+
+Streaming format: Server-Sent Events (``text/event-stream``, sse-starlette), every ``data`` one
+JSON object:
+    event: delta    {"index": 0, "text": "ali"}    new characters of sample ``index``, in order
+    event: finish   {"index": 0, "finish_reason": "length" | "stop", "chars": 500}
+    event: done     the non-streaming response without the texts (id, seed, choices, usage)
+    event: error    {"error": "..."}                the server could not finish (e.g. shutdown)
+Characters are sent in chunks: a sample's first character at once, then whatever accumulated
+every ``stream_interval_ms`` (50 ms by default). ``: ping`` comments keep idle connections open.
+
+Responses to /v1/generate carry ``X-Textgen-Id`` and ``X-Textgen-Seed`` (the seed used) headers.
+Errors are JSON ``{"error": "<message naming the field>", "fields": [...]}``: 400 bad JSON, 413 body
+over ``max_body_bytes``, 415 a body that is not JSON, 422 a field out of range or of the wrong
+type or unknown prompt characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``)
+is reached, 503 (+ ``Retry-After``) shutting down. A client that disconnects (mid-stream or
+while waiting for a JSON response) cancels its generation: its rows leave the batch (the access
+log shows 499, nginx's "client closed request", for a JSON request abandoned that way).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route's annotations at runtime, and
+# the request model is made per app (``request_model``), a local name.
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.engine import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    Delta,
+    End,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    FieldError,
+    Finish,
+    Request,
+    ServeSettings,
+    Ticket,
+)
+from serve.generator import Generator
+from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look
+
+SHUTDOWN_GRACE_S = 2.0  # a stream's time to send its error event when the server stops
+MAX_TEMPERATURE = 100.0  # beyond it every character is equally likely anyway
+MAX_TOP_K = 1_000_000
+MAX_SEED = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Request and response bodies (the OpenAPI schema is made from these)
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class GenerateRequestBase(BaseModel):
+    """Fields whose limits do not depend on the server's settings (see ``request_model``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"prompt": "alice was ", "max_chars": 200, "temperature": 0.8, "seed": 1},
+        {"prompt": "the queen ", "max_chars": 500, "top_p": 0.95, "n": 2, "stop": ["\n\n"], "stream": True},
+    ]})
+
+    temperature: float = Field(
+        DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        description="0 = greedy (always the most likely character, no randomness); below 1 safer, above 1 wilder.",
+    )
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Sample among the k most likely characters only (0 = off).")
+    top_p: float = Field(
+        1.0, gt=0, le=1, allow_inf_nan=False,
+        description="Sample among the most likely characters holding this much probability (1 = off).",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description="Fixes the text: sample i uses seed + i. Omitted: the server picks one and returns it.",
+    )
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
+        None,
+        description=f"A string or up to {MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters: a sample ends when its "
+                    "text ends with one; the stop string is not included.",
+    )
+    stream: bool = Field(False, description="Send characters as they are made (Server-Sent Events).")
+    unknown: Literal["error", "skip", "replace"] = Field(
+        "error", description="Prompt characters outside the model's vocabulary: fail (422), drop them, or "
+                             "replace them with `replacement`.",
+    )
+    replacement: str = Field(" ", min_length=1, max_length=1,
+                             description='The character that replaces unknown ones with "unknown": "replace".')
+
+
+def request_model(settings: ServeSettings) -> type[BaseModel]:
+    """``GenerateRequest`` with this server's caps in its constraints (and so in the schema)."""
+    return create_model(
+        "GenerateRequest",
+        __base__=GenerateRequestBase,
+        __doc__="A generation request. Every field is optional; unknown fields are refused.",
+        prompt=(str, Field("", max_length=settings.max_prompt_chars,
+                           description="Text to continue (not repeated in the output). Empty: start a new "
+                                       "paragraph. Lowercased if the model was trained lowercased.")),
+        max_chars=(int, Field(DEFAULT_MAX_CHARS, ge=1, le=settings.max_chars_cap,
+                              description="Characters to generate per sample (this server's cap: "
+                                          f"{settings.max_chars_cap:,}).")),
+        n=(int, Field(1, ge=1, le=settings.n_cap,
+                      description=f"Samples of the prompt (at most {settings.n_cap}); each is a row of the batch.")),
+    )
+
+
+class Choice(BaseModel):
+    index: int = Field(description="The sample's number, 0 to n - 1.")
+    text: str | None = Field(None, description="The generated text (absent from the stream's done event).")
+    chars: int = Field(description="Characters generated (the stop string not counted).")
+    finish_reason: Literal["length", "stop"] = Field(description="max_chars reached, or a stop string made.")
+
+
+class Usage(BaseModel):
+    prompt_chars: int = Field(description="Prompt characters fed to the model (after the unknown-character "
+                                          "policy; 1 for an empty prompt: the start character).")
+    generated_chars: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    seed: int | None = Field(description="The seed used (null for greedy decoding): send it again to repeat.")
+    choices: list[Choice]
+    usage: Usage
+    elapsed_s: float
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What was wrong, naming the field, and what to do.")
+    fields: list[str] = Field(default_factory=list, description="The request fields at fault, if any.")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+    413: {"model": ErrorResponse, "description": "The body is larger than the server's max_body_bytes."},
+    415: {"model": ErrorResponse, "description": "The body is not JSON (send Content-Type: application/json)."},
+    422: {"model": ErrorResponse, "description": "A field of the wrong type or out of range, an unknown field, "
+                                                 "or unknown characters in the prompt."},
+    429: {"model": ErrorResponse, "description": "The in-flight limit is reached; see Retry-After."},
+    503: {"model": ErrorResponse, "description": "The server is shutting down; see Retry-After."},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def error_response(status: int, message: str, fields: list[str] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "fields": fields or []}, status_code=status, headers=headers)
+
+
+FIELD_HINTS = {
+    "max_chars": "this server's cap is max_chars_cap",
+    "n": "this server's limit is max_n",
+    "prompt": "this server's limit is max_prompt_chars",
+}
+
+
+def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic's errors -> one message naming every field at fault."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        reason = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return error_response(400, f"the body is not valid JSON ({reason}); send one JSON object")
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        if isinstance(exc.body, (bytes, bytearray)):  # FastAPI parses JSON only for a JSON Content-Type
+            content_type = request.headers.get("content-type") or "no Content-Type"
+            return error_response(415, f"the body must be JSON with Content-Type: application/json, got {content_type}")
+        return error_response(422, 'the body must be one JSON object, e.g. {"prompt": "alice was ", "max_chars": 200}')
+    messages, fields = [], []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = loc[0] if loc else "body"
+        if field == "stop":
+            message = (f"stop: must be a string or a list of at most {MAX_STOPS} strings, each of 1 to "
+                       f"{MAX_STOP_CHARS} characters")
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {e.get('msg')}"
+            if e.get("type") not in ("missing", "extra_forbidden") and "input" in e:
+                shown = json.dumps(e["input"], default=str)
+                message += f", got {shown if len(shown) <= 40 else shown[:37] + '...'}"
+            if field in FIELD_HINTS and e.get("type") in ("less_than_equal", "string_too_long"):
+                message += f" ({FIELD_HINTS[field]})"
+            if e.get("type") == "extra_forbidden":
+                message = f"{field}: unknown field (known: {', '.join(request.app.state.request_fields)})"
+        if message not in messages:
+            messages.append(message)
+        if field not in fields:
+            fields.append(field)
+    return error_response(422, "; ".join(messages), fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Middleware: the body limit
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``: at once from Content-Length, or while a chunked body is
+    read (the route never sees more than ``max_bytes``)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than this server's limit of {self.max_bytes:,} bytes (max_body_bytes)"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
+                    return
+                if length > self.max_bytes:
+                    await error_response(413, message)(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+class _State:
+    """What the routes share: filled at startup (the lifespan), emptied at shutdown."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.model_info: dict[str, Any] = {}
+
+
+def create_app(
+    model_path: str | Path | None = None,
+    settings: ServeSettings | None = None,
+    generator: Generator | None = None,
+) -> FastAPI:
+    """The service for one model. Give ``model_path`` (loaded at startup, with ``settings.threads``
+    and the caps), or an already loaded ``generator``. The engine thread starts with the app's
+    lifespan and stops with it (uvicorn and Ray Serve both run the lifespan)."""
+    if (model_path is None) == (generator is None):
+        raise ValueError("give model_path or generator (one of them)")
+    settings = settings or ServeSettings()
+    state = _State()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gen = generator or Generator.load(model_path, num_threads=settings.threads,
+                                          max_chars_cap=settings.max_chars_cap,
+                                          max_prompt_chars=settings.max_prompt_chars)
+        state.model_info = model_metadata(gen, settings)
+        state.engine = Engine(gen, settings).start()
+        log.info("textgen: serving %s (vocabulary %d, sha256 %s...); %s", gen.model.path, len(gen.vocab),
+                 (state.model_info["sha256"] or "?")[:12], settings)
+        try:
+            yield
+        finally:
+            engine, state.engine = state.engine, None
+            engine.close()
+
+    try:
+        version = metadata.version("textgen")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    app = FastAPI(
+        title="textgen",
+        version=version,
+        summary="Character-level LSTM text generation (one ONNX file, onnxruntime, continuous batching).",
+        lifespan=lifespan,
+    )
+    GenerateRequest = request_model(settings)
+    app.state.request_fields = sorted(GenerateRequest.model_fields)
+    app.state.textgen = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(FieldError)
+    async def _field(request: HTTPRequest, exc: FieldError) -> JSONResponse:
+        return error_response(422, str(exc), [exc.field])
+
+    @app.exception_handler(EngineBusy)
+    async def _busy(request: HTTPRequest, exc: EngineBusy) -> JSONResponse:
+        return error_response(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(EngineClosed)
+    async def _closed(request: HTTPRequest, exc: EngineClosed) -> JSONResponse:
+        return error_response(503, f"not accepting requests: {exc}",
+                              headers={"Retry-After": str(settings.retry_after_s)})
+
+    def engine() -> Engine:
+        if state.engine is None:
+            raise EngineClosed("the model is not loaded")
+        return state.engine
+
+    @app.get("/healthz", summary="Liveness", responses={503: {"description": "The engine thread died."}})
+    async def healthz() -> JSONResponse:
+        e = state.engine
+        if e is not None and not e.alive:
+            return JSONResponse({"status": "failed", "error": e.stats()["error"]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: the model is loaded and requests are accepted",
+             responses={503: {"description": "Not ready (loading, shutting down or failed)."}})
+    async def readyz() -> JSONResponse:
+        e = state.engine
+        if e is None:
+            return JSONResponse({"ready": False}, status_code=503)
+        stats = e.stats()
+        return JSONResponse(stats, status_code=200 if stats["ready"] else 503)
+
+    @app.get("/v1/stats", summary="Engine counters")
+    async def stats() -> dict[str, Any]:
+        return engine().stats()
+
+    @app.get("/v1/model", summary="Model metadata and this server's limits")
+    async def model() -> dict[str, Any]:
+        engine()
+        return state.model_info
+
+    @app.post(
+        "/v1/generate",
+        summary="Generate text",
+        response_model=GenerateResponse,
+        responses={
+            200: {"content": {"text/event-stream": {"schema": {
+                "type": "string",
+                "description": "With stream=true: events delta {index, text}, finish {index, finish_reason, "
+                               "chars}, done {the response without texts}, error {error}.",
+            }}}},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def generate(body: GenerateRequest, request: HTTPRequest):  # type: ignore[valid-type]
+        e = engine()
+        job = e.prepare(
+            body.prompt, n=body.n, max_chars=body.max_chars, temperature=body.temperature, top_k=body.top_k,
+            top_p=body.top_p, seed=body.seed, stop=body.stop, unknown=body.unknown,
+            replacement=body.replacement, stream=body.stream,
+        )
+        ticket = e.submit(job)
+        headers = {"X-Textgen-Id": f"gen-{ticket.id}"}  # not X-Request-Id: Ray Serve sets that one
+        if job.seed is not None:
+            headers["X-Textgen-Seed"] = str(job.seed)
+        if job.stream:
+            return EventSourceResponse(_events(e, ticket), headers=headers, shutdown_event=_Farewell(ticket),
+                                       shutdown_grace_period=SHUTDOWN_GRACE_S)
+        result = await _collect(e, ticket, request)
+        if result is None:  # nobody is listening; 499 is nginx's "client closed request" (for the log)
+            return Response(status_code=499)
+        return JSONResponse(result, headers=headers)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``$TEXTGEN_MODEL`` with ``ServeSettings.from_env()``: the uvicorn factory that
+    ``textgen serve --workers N`` runs in each worker (``uvicorn --factory serve.http:app_from_env``)."""
+    path = os.environ.get("TEXTGEN_MODEL")
+    if not path:
+        raise RuntimeError("set TEXTGEN_MODEL to the .onnx file to serve")
+    return create_app(path, ServeSettings.from_env())
+
+
+def model_metadata(gen: Generator, settings: ServeSettings) -> dict[str, Any]:
+    info = gen.model.info
+    path = Path(gen.model.path)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {
+        "file": path.name,
+        "sha256": sha256,
+        "vocab_size": info.vocab_size,
+        "vocab": list(info.vocab),
+        "lowercase": info.lowercase,
+        "state_sizes": list(info.state_sizes),
+        "model_config": info.model_config,
+        "train_config": info.train_config,
+        "metrics": info.metrics,
+        "exported_at": info.exported_at,
+        "limits": {
+            "max_chars_cap": settings.max_chars_cap,
+            "max_prompt_chars": settings.max_prompt_chars,
+            "max_n": settings.n_cap,
+            "max_rows": settings.max_rows,
+            "max_body_bytes": settings.max_body_bytes,
+        },
+        "defaults": {"max_chars": DEFAULT_MAX_CHARS, "temperature": DEFAULT_TEMPERATURE, "top_k": 0, "top_p": 1.0,
+                     "n": 1, "unknown": "error"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a request
+
+
+def _summary(ticket: Ticket, finishes: list[Finish | None], texts: bool) -> dict[str, Any]:
+    r: Request = ticket.request
+    choices = []
+    for f in finishes:
+        assert f is not None
+        choice = {"index": f.index, "text": f.text} if texts else {"index": f.index}
+        choices.append({**choice, "chars": f.chars, "finish_reason": f.reason})
+    return {
+        "id": f"gen-{ticket.id}",
+        "seed": r.seed,
+        "choices": choices,
+        "usage": {"prompt_chars": r.prompt_chars, "generated_chars": sum(c["chars"] for c in choices)},
+        "elapsed_s": round(time.monotonic() - ticket.started, 6),
+    }
+
+
+async def _collect(engine: Engine, ticket: Ticket, request: HTTPRequest) -> dict[str, Any] | None:
+    """Wait for every sample. A client that disconnects meanwhile cancels the generation (None)."""
+    finishes: list[Finish | None] = [None] * ticket.request.n
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            step = asyncio.ensure_future(ticket.next())
+            await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                return None
+            event = step.result()
+            if isinstance(event, Finish):
+                finishes[event.index] = event
+            elif isinstance(event, End):
+                if event.error:
+                    raise EngineClosed(event.error)
+                return _summary(ticket, finishes, texts=True)
+    finally:
+        gone.cancel()
+        if not ticket.finished:
+            engine.cancel(ticket)
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client disconnects (the body has been read: ``receive`` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Farewell:
+    """sse-starlette's ``shutdown_event`` for one stream: it calls ``set()`` when the server starts
+    shutting down; the stream then ends with an ``error`` event and a complete response instead
+    of a connection cut mid-chunk."""
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket, self._set = ticket, False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self.ticket.interrupt("the server is shutting down; retry the request")
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+async def _events(engine: Engine, ticket: Ticket) -> AsyncIterator[ServerSentEvent]:
+    """The SSE stream of one request. When the client goes away sse-starlette cancels this
+    generator; ``finally`` then takes the request's rows out of the batch."""
+    finishes: list[Finish | None] = [None] * ticket.request.n
+    try:
+        while True:
+            event = await ticket.next()
+            if isinstance(event, Delta):
+                yield ServerSentEvent(json.dumps({"index": event.index, "text": event.text}), event="delta")
+            elif isinstance(event, Finish):
+                finishes[event.index] = event
+                yield ServerSentEvent(json.dumps({"index": event.index, "finish_reason": event.reason,
+                                                  "chars": event.chars}), event="finish")
+            elif isinstance(event, End):
+                if event.error:
+                    yield ServerSentEvent(json.dumps({"error": event.error}), event="error")
+                else:
+                    yield ServerSentEvent(json.dumps(_summary(ticket, finishes, texts=False)), event="done")
+                return
+    finally:
+        if not ticket.finished:
+            engine.cancel(ticket)

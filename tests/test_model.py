@@ -69,32 +69,3 @@ def test_step_model_matches_training_model_and_carries_state():
     first = step([ids[:, :4], *zeros])
     second = step([ids[:, 4:], *(np.asarray(s) for s in first[1:])])
     np.testing.assert_allclose(np.concatenate([first[0], second[0]], axis=1), full[0], atol=1e-5)
-
-
-@pytest.mark.parametrize("return_sequences", [True, False])
-def test_fused_cpu_lstm_matches_keras_lstm_forward_and_gradients(return_sequences):
-    import keras
-    import tensorflow as tf
-
-    from textgen.model import LSTM as FusedLSTM
-
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(3, 7, 5)).astype(np.float32))
-    h0 = tf.constant(rng.normal(size=(3, 16)).astype(np.float32))
-    c0 = tf.constant(rng.normal(size=(3, 16)).astype(np.float32))
-    ref = keras.layers.LSTM(16, return_sequences=return_sequences, return_state=True)
-    fused = FusedLSTM(16, return_sequences=return_sequences, return_state=True)
-    ref(x, initial_state=[h0, c0])
-    fused(x, initial_state=[h0, c0])
-    fused.set_weights([w + 0.1 * rng.normal(size=w.shape).astype(np.float32) for w in ref.get_weights()])
-    ref.set_weights(fused.get_weights())
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([x, h0, c0])
-        outs = [layer(x, initial_state=[h0, c0]) for layer in (ref, fused)]
-        losses = [tf.reduce_sum(o[0] ** 2) + tf.reduce_sum(o[1] * o[2]) for o in outs]
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    for layer, loss in zip((ref, fused), losses):
-        layer.grads = tape.gradient(loss, layer.trainable_variables + [x, h0, c0])
-    for a, b in zip(ref.grads, fused.grads):
-        np.testing.assert_allclose(a, b, atol=1e-4)

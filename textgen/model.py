@@ -33,53 +33,8 @@ def _policy(mixed_precision: bool) -> str | None:
     return "mixed_float16" if mixed_precision else None
 
 
-class LSTM(keras.layers.LSTM):
-    """``keras.layers.LSTM`` whose CPU path runs the whole sequence in TensorFlow's fused
-    ``BlockLSTM`` kernel (one op forward, one backward) instead of a ``while_loop`` of small ops.
-
-    Same weights, same numbers (tests check forward and gradients against the parent class). Used
-    only when the parent would not take cuDNN: with a GPU present, or a mask, reversed input,
-    input dropout or a non-float32 dtype, the parent's own path runs unchanged.
-
-    The class is named ``LSTM`` on purpose: Keras 3 keys ``.weights.h5`` entries by snake-cased class
-    name ("lstm", "lstm_1"), so checkpoints stay interchangeable with plain ``keras.layers.LSTM``.
-    """
-
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        import tensorflow as tf
-
-        cell = self.cell
-        if (
-            mask is not None
-            or self.go_backwards
-            or cell.dropout
-            or cell.recurrent_dropout
-            or self.compute_dtype != "float32"
-            or cudnn_problems(self)
-            or tf.config.list_logical_devices("GPU")
-        ):
-            return super().inner_loop(sequences, initial_state, mask, training=training)
-
-        def icfo(w):  # Keras keeps the gates as [i, f, c, o]; BlockLSTM wants [i, c, f, o]
-            i, f, c, o = tf.split(w, 4, axis=-1)
-            return tf.concat([i, c, f, o], axis=-1)
-
-        w = icfo(tf.concat([cell.kernel, cell.recurrent_kernel], axis=0))  # (in + H, 4H)
-        no_peephole = tf.zeros([self.units], sequences.dtype)
-        x = tf.transpose(sequences, [1, 0, 2])  # (T, B, in)
-        _, cs, _, _, _, _, h = tf.raw_ops.BlockLSTM(  # V1: its registered gradient matches it
-            seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x,
-            cs_prev=initial_state[1], h_prev=initial_state[0], w=w,
-            wci=no_peephole, wcf=no_peephole, wco=no_peephole, b=icfo(cell.bias),
-            forget_bias=0.0, cell_clip=-1.0, use_peephole=False,  # Keras' bias has the forget bias
-        )
-        outputs = tf.transpose(h, [1, 0, 2])  # (B, T, H)
-        return h[-1], outputs, [h[-1], cs[-1]]
-
-
-def _lstm(units: int, index: int, dtype: str | None, fused_cpu: bool = True, **kwargs) -> keras.layers.LSTM:
-    cls = LSTM if fused_cpu else keras.layers.LSTM
-    return cls(
+def _lstm(units: int, index: int, dtype: str | None, **kwargs) -> keras.layers.LSTM:
+    return keras.layers.LSTM(
         units,
         activation="tanh",
         recurrent_activation="sigmoid",
@@ -132,8 +87,7 @@ def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
     _, out_names = state_names(len(cfg.lstm_units))
     new_states = []
     for i, units in enumerate(cfg.lstm_units):
-        # The plain Keras LSTM: tf2onnx turns it into one fused ONNX LSTM op.
-        x, h, c = _lstm(units, i, None, fused_cpu=False, return_sequences=True, return_state=True)(
+        x, h, c = _lstm(units, i, None, return_sequences=True, return_state=True)(
             x, initial_state=[states[2 * i], states[2 * i + 1]]
         )
         # Identity layers only name the outputs (they become the ONNX output names).

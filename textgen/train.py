@@ -22,12 +22,17 @@ import keras
 from textgen import checkpoint as ckptlib
 from textgen.config import CHAR, ModelConfig, TrainConfig
 from textgen.corpus import load_corpus, split_ids
+from textgen.errors import TextgenError
 from textgen.model import build_model
 from textgen.vocab import Vocab
 from textgen.windows import Shard, per_replica_batch, steps_per_epoch, targets_per_window
 from textgen.windows import train_dataset, val_dataset, val_steps
 
 LN2 = math.log(2.0)
+
+
+class TrainingError(TextgenError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -265,8 +270,9 @@ def fit(
         for _ in range(n_steps):
             loss = float(steps.train_step(it))
             if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss} at epoch {epoch}; lower --learning-rate"
+                raise TrainingError(
+                    f"training loss became {loss} at epoch {epoch}; lower --learning-rate or --clipnorm "
+                    "(the last good epoch is saved; --resume continues from it)"
                 )
             loss_sum += loss
             done += 1

@@ -2,21 +2,28 @@
 
     python -m bench.generation --model runs/default/model.onnx
     python -m bench.generation --random-weights      # a random-weight 2x256 model, exported here
+    taskset -c 1 python -m bench.generation --model M --parts single,cost,batch --threads 1
+    python -m bench.generation --model M --parts batch --threads 2     # both cores: no taskset
 
-Measured in one run, each against the issue's goal:
+Measured in one run, each against the issue's goal (``--parts`` picks some, e.g. to pin the
+one-thread figures to one core with taskset and run the two-thread batch without):
 
-  notebook       the seed notebook's loop: Keras ``model.predict`` on the 100-char window for every
-                 character, seed-2x256 model (untrained: speed does not depend on the weights)
-  single_stream  ``Generator.generate``, one thread, temperature 0.8, top-p 0.95   goal >= 15,000 chars/s
-  step_cost      where a single-stream character goes: model step vs sampling (microseconds)
-  batch          ``generate_batch`` of 64 streams, one thread and all cores       goal >= 60,000 chars/s
-  footprint      a fresh generator-only process: start -> first character, peak RSS
-                                                                    goal <= 0.5 s, <= 100 MB
-  quality        2,000 chars at temperature 0.8: zlib-compressed/raw >= 0.40, corpus words >= 90%,
-                 longest run copied from the corpus <= 60 chars (meaningless for random weights)
+  single   ``Generator.generate``, one thread, temperature 0.8; also with top-p 0.95 and greedy
+                                                                  goal >= 15,000 chars/s
+  cost     where a single-stream character goes: one model call of K = 1 and of K = chunk (µs per
+           call and per character), the Gumbel noise, and Python around the calls
+  batch    ``generate_batch`` of 64 streams at temperature 0.8 (and with top-p 0.95), ``--threads``
+           onnxruntime threads                                    goal >= 60,000 chars/s
+  footprint  a fresh generator-only process: start -> first character, peak RSS
+                                                                  goal <= 0.5 s, <= 100 MB
+  quality  2,000 chars at temperature 0.8: zlib-compressed/raw >= 0.40, corpus words >= 90%,
+           longest run copied from the corpus <= 60 chars (meaningless for random weights)
+  notebook the seed notebook's loop: Keras ``model.predict`` on the 100-char window for every
+           character, seed-2x256 model (untrained: speed does not depend on the weights)
 
-The benchmark process itself imports no TensorFlow: the notebook loop and the random-weight export
-run in child processes, so the generator is measured as it is deployed.
+Speeds are the best and the median of ``--repeats`` runs (the machine is shared: the best is the
+closest to an idle core). The benchmark process itself imports no TensorFlow: the notebook loop
+and the random-weight export run in child processes, so the generator is measured as deployed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +52,9 @@ GOALS = {
     "corpus_word_fraction": 0.90,
     "longest_copied_run": 60,
 }
-SAMPLING = dict(temperature=0.8, top_k=0, top_p=0.95)
+SAMPLING = dict(temperature=0.8)  # the goals' setting: every row samples, no filter
+TOP_P = dict(temperature=0.8, top_p=0.95)  # the loop with filters (sort, softmax, cumsum per step)
+PARTS = ("single", "cost", "batch", "footprint", "quality", "notebook")
 
 
 def emit(obj: dict) -> None:
@@ -117,66 +127,86 @@ def run_child(args: list[str], timeout: float = 900) -> dict:
 # The generator
 
 
-def single_stream(gen, chars: int) -> dict:
-    gen.generate("alice ", max_chars=200, seed=1, **SAMPLING)  # warm up
-    best = 0.0
-    for seed in range(3):  # best of three: the machine is shared
-        t0 = time.perf_counter()
-        text = gen.generate("alice ", max_chars=chars, seed=seed, **SAMPLING)
-        best = max(best, len(text) / (time.perf_counter() - t0))
-    greedy_t0 = time.perf_counter()
-    gen.generate("alice ", max_chars=chars, temperature=0)
-    greedy = chars / (time.perf_counter() - greedy_t0)
-    return {"bench": "single_stream", "threads": 1, "chars": chars, **SAMPLING, "chars_per_s": best,
-            "greedy_chars_per_s": greedy, "goal": GOALS["single_stream_chars_per_s"],
-            "meets_goal": best >= GOALS["single_stream_chars_per_s"]}
+def _speeds(runs: dict, repeats: int) -> dict:
+    """``runs``: name -> a function returning the characters it made. Each runs ``repeats`` times,
+    round-robin (so that all see the same share of a busy machine) -> best and median chars/s."""
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            chars = run()
+            speeds[name].append(chars / (time.perf_counter() - t0))
+    out = {}
+    for name, values in speeds.items():
+        out[f"{name}chars_per_s"] = max(values)
+        out[f"{name}median_chars_per_s"] = statistics.median(values)
+    return out
 
 
-def _best_us(fn, steps: int, blocks: int = 5) -> float:
-    """Microseconds per call of ``fn``: the best of ``blocks`` blocks of ``steps`` calls (the
-    machine is shared; the best block is the closest to the cost on an idle core)."""
-    best = float("inf")
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return 1e6 * best
+def single_stream(gen, chars: int, repeats: int) -> dict:
+    gen.generate("alice ", max_chars=500, seed=1, **TOP_P)  # warm up
+    seeds = iter(range(1_000_000))
+
+    def run(kwargs):
+        return lambda: len(gen.generate("alice ", max_chars=chars, seed=next(seeds), **kwargs))
+
+    speeds = _speeds({"": run(SAMPLING), "top_p_": run(TOP_P), "greedy_": run(dict(temperature=0))}, repeats)
+    return {"bench": "single_stream", "threads": 1, "chars": chars, "chunk_size": gen.chunk_size, **SAMPLING,
+            **speeds, "top_p": TOP_P["top_p"], "goal": GOALS["single_stream_chars_per_s"],
+            "meets_goal": speeds["chars_per_s"] >= GOALS["single_stream_chars_per_s"]}
 
 
-def step_cost(gen, steps: int = 1000) -> dict:
-    """Microseconds per character: the model step alone (io_binding and plain ``run``), the
-    sampler alone, and the whole ``generate`` loop."""
+def _best_us(fns: dict, calls: dict, rounds: int = 7) -> dict:
+    """Microseconds per call of each function: the best of ``rounds`` blocks of ``calls[name]``
+    calls, the functions taking turns (the best block is the closest to the cost on an idle core)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
+    return {name: 1e6 * b for name, b in best.items()}
+
+
+def call_cost(gen, chars: int = 4096) -> dict:
+    """Where a single-stream character goes: model calls of K = 1 and K = chunk (their difference
+    gives the cost of a character and of a call), the Gumbel noise, and ``generate`` as a whole."""
     import numpy as np
 
-    from serve.sampling import RowUniforms, Sampler
+    from serve.sampling import RowNoise
 
-    model = gen.model
-    stepper = model.stepper(model.zero_state(1))
-    ids = np.array([1], np.int32)
-    step_us = _best_us(lambda: stepper.step(ids), steps)
-    plain_run_us = _best_us(lambda: model.run(ids[:, None], stepper.state), steps)
-    sampler, uniforms = Sampler(**SAMPLING), RowUniforms([np.random.default_rng(0)])
-    logits = np.array(stepper.step(ids))
-    sample_us = _best_us(lambda: sampler(logits, uniforms.next()), steps)
-    greedy = Sampler(temperature=0)
-    greedy_us = _best_us(lambda: greedy(logits), steps)
-    total_us = _best_us(lambda: gen.generate("alice ", max_chars=steps, seed=0, **SAMPLING), 1) / steps
-    return {"bench": "step_cost", "step_io_binding_us": step_us, "step_plain_run_us": plain_run_us,
-            "sample_us": sample_us, "greedy_pick_us": greedy_us, "generate_us_per_char": total_us,
-            "other_us": total_us - step_us - sample_us}
+    model, k = gen.model, gen.chunk_size
+    settings = model.settings(1, SAMPLING["temperature"])
+    noise = RowNoise([np.random.default_rng(0)], model.info.vocab_size)
+    state, ids = model.zero_state(1), np.array([[1]], np.int32)
+    one, chunk = noise.take(1), noise.take(k)
+    us = _best_us({"call_1": lambda: model.chunk(ids, state, one, settings),
+                   "call_k": lambda: model.chunk(ids, state, chunk, settings),
+                   "noise": lambda: noise.take(k),
+                   "generate": lambda: gen.generate("alice ", max_chars=chars, seed=0, **SAMPLING)},
+                  {"call_1": 100, "call_k": max(1, 1000 // k), "noise": 100, "generate": 1})
+    per_char = (us["call_k"] - us["call_1"]) / (k - 1) if k > 1 else us["call_k"]
+    total = us["generate"] / chars
+    return {"bench": "call_cost", "chunk_size": k, "call_k1_us": us["call_1"], "call_chunk_us": us["call_k"],
+            "char_us": per_char, "call_overhead_us": us["call_1"] - per_char, "noise_us_per_char": us["noise"] / k,
+            "generate_us_per_char": total, "python_us_per_char": total - us["call_k"] / k - us["noise"] / k}
 
 
-def batch(gen, streams: int, chars: int, threads: int) -> dict:
-    gen.generate_batch(streams, prompt="alice ", max_chars=50, seed=0, **SAMPLING)  # warm up
-    best = 0.0
-    for seed in range(2):
-        t0 = time.perf_counter()
-        texts = gen.generate_batch(streams, prompt="alice ", max_chars=chars, seed=seed * streams, **SAMPLING)
-        best = max(best, sum(map(len, texts)) / (time.perf_counter() - t0))
-    return {"bench": "batch", "streams": streams, "threads": threads, "chars_per_stream": chars, **SAMPLING,
-            "chars_per_s": best, "per_stream_chars_per_s": best / streams,
-            "goal": GOALS["batch_chars_per_s"], "meets_goal": best >= GOALS["batch_chars_per_s"]}
+def batch(gen, streams: int, chars: int, threads: int, repeats: int = 2, sampling: dict | None = None) -> dict:
+    sampling = SAMPLING if sampling is None else sampling
+    gen.generate_batch(streams, prompt="alice ", max_chars=50, seed=0, **sampling)  # warm up
+    seeds = iter(range(0, 1_000_000, streams))
+
+    def run() -> int:
+        return sum(map(len, gen.generate_batch(streams, prompt="alice ", max_chars=chars, seed=next(seeds),
+                                               **sampling)))
+
+    speeds = _speeds({"": run}, repeats)
+    return {"bench": "batch", "streams": streams, "threads": threads, "chars_per_stream": chars,
+            "chunk_size": gen.chunk_size, **sampling, **speeds,
+            "per_stream_chars_per_s": speeds["chars_per_s"] / streams,
+            "goal": GOALS["batch_chars_per_s"], "meets_goal": speeds["chars_per_s"] >= GOALS["batch_chars_per_s"]}
 
 
 FOOTPRINT_CHILD = """
@@ -289,11 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-weights", action="store_true",
                    help=f"measure a random-weight default-preset model (exported once to {RANDOM_MODEL})")
     p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="corpus for the quality figures")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma-separated parts to run, of: %(default)s (default: all)")
+    p.add_argument("--threads", default="1,2", help="onnxruntime threads of the batch part, comma-separated "
+                                                   "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per speed figure (best and median; default 3)")
+    p.add_argument("--chunk-size", type=int, help="the generator's chunk_size (default: its own)")
     p.add_argument("--chars", type=int, default=20_000, help="characters of the single-stream run")
     p.add_argument("--streams", type=int, default=64, help="rows of the batch run")
     p.add_argument("--batch-chars", type=int, default=1_000, help="characters per row of the batch run")
     p.add_argument("--notebook-chars", type=int, default=30, help="characters of the notebook loop")
-    p.add_argument("--skip-notebook", action="store_true", help="do not run the (slow, TensorFlow) notebook loop")
     p.add_argument("--child", choices=("notebook", "random-model"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -304,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         make_random_model(args.model)
         emit({"bench": "random_model", "path": str(args.model)})
         return 0
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
     model = args.model or (RANDOM_MODEL if args.random_weights else DEFAULT_MODEL)
     if args.random_weights and not model.exists():
@@ -314,20 +353,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve import Generator
 
-    gen = Generator.load(model, num_threads=1)
+    chunk = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    gen = Generator.load(model, num_threads=1, **chunk)
     info = gen.model.info
     emit({"bench": "model", "path": str(model), "lstm_units": info.model_config.get("lstm_units"),
           "vocab": len(info.vocab), "val_loss": info.metrics.get("val_loss"),
-          "random_weights": args.random_weights, "cpu_count": os.cpu_count()})
-    emit(single_stream(gen, args.chars))
-    emit(step_cost(gen))
-    emit(batch(gen, args.streams, args.batch_chars, threads=1))
-    cores = os.cpu_count() or 1
-    if cores > 1:
-        emit(batch(Generator.load(model, num_threads=cores), args.streams, args.batch_chars, threads=cores))
-    emit(footprint(model))
-    emit(quality(gen, args.corpus))
-    if not args.skip_notebook:
+          "loop_precision": info.generation.get("precision"), "random_weights": args.random_weights,
+          "cpu_count": os.cpu_count(), "cpus_allowed": len(os.sched_getaffinity(0))})
+    if "single" in parts:
+        emit(single_stream(gen, args.chars, args.repeats))
+    if "cost" in parts:
+        emit(call_cost(gen))
+    if "batch" in parts:
+        for threads in (int(t) for t in args.threads.split(",")):
+            g = gen if threads == 1 else Generator.load(model, num_threads=threads, **chunk)
+            emit(batch(g, args.streams, args.batch_chars, threads, args.repeats))
+            emit(batch(g, args.streams, args.batch_chars, threads, args.repeats, sampling=TOP_P))
+    if "footprint" in parts:
+        emit(footprint(model))
+    if "quality" in parts:
+        emit(quality(gen, args.corpus))
+    if "notebook" in parts:
         emit(run_child(["--child", "notebook", "--notebook-chars", str(args.notebook_chars)]))
     return 0
 

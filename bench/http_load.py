@@ -40,10 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench import generation
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "runs" / "default" / "model.onnx"
 GOALS = {"ttfc_p99_ms_at_8": 100.0, "throughput_vs_batch": 0.5}
-SAMPLING = dict(temperature=0.8, top_k=0, top_p=0.95)  # bench/generation.py's
+SAMPLING = generation.SAMPLING  # the in-process reference's settings
 
 
 def emit(obj: dict) -> None:
@@ -98,11 +100,10 @@ def free_port() -> int:
 
 
 def batch_in_process(model: Path, streams: int, chars: int) -> dict:
-    sys.path.insert(0, str(REPO))
-    from bench.generation import batch
     from serve import Generator
 
-    return {**batch(Generator.load(model, num_threads=1), streams, chars, threads=1), "bench": "batch_in_process"}
+    gen = Generator.load(model, num_threads=1)
+    return {**generation.batch(gen, streams, chars, threads=1), "bench": "batch_in_process"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ the ONNX file (inputs, outputs and ``textgen.*`` metadata, see ``serve.onnx_mode
 contract. Front ends (the CLI, an HTTP app) are modules of their own, imported only when used.
 
 Modules, upstream first: ``text`` (the shared error type and defaults, vocabulary, prompts, stop
-strings, corpus files), ``sampling`` (pure logit processors and the draw), ``onnx_model`` (the
-session, its checks, the per-step backend), ``generator`` (the API), ``cli`` (``textgen generate``
-and ``textgen eval``).
+strings, corpus files), ``sampling`` (the graph's sampling rule in numpy, its checked settings and
+the per-row Gumbel noise), ``onnx_model`` (the session, its checks, the model calls: prefill and
+chunks sampled in the graph), ``generator`` (the API), ``cli`` (``textgen generate`` and ``textgen
+eval``).
 """
 
 from serve.generator import Generator

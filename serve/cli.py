@@ -42,6 +42,7 @@ SERVE_SETTING_HELP = {  # ServeSettings field -> help; defaults and env names ar
     "threads": "onnxruntime intra-op threads of the engine (0 = one per core)",
     "stream_interval_ms": "streamed characters are sent in chunks at most this old (the first at once)",
     "retry_after_s": "the Retry-After of a 429",
+    "chunk_size": "characters per row per model call (lower: sooner first characters; higher: more throughput)",
 }
 
 

@@ -1,29 +1,33 @@
-"""The batching engine behind the HTTP service: ONE thread steps the model for every request.
+"""The batching engine behind the HTTP service: ONE thread runs the model for every request.
 
-One request per model call does not scale on 2 cores (a call costs ~110 µs whatever its batch);
-so, as LLM servers do, the requests of a server share a running batch (continuous batching):
+One request per model call does not scale on 2 cores (a call costs ~0.2 ms beyond its characters,
+whatever its batch); so, as LLM servers do, the requests of a server share a running batch
+(continuous batching):
 
 1. ``Engine.prepare`` checks a request (the rules and messages of ``Generator``) -> ``Request``.
 2. ``Engine.submit`` admits it, or raises ``EngineBusy`` at once when its rows (``n``) would take
    the rows in flight past ``max_rows``: nothing waits in an unbounded queue.
-3. The engine thread consumes the newcomers' prompts: prompts that fit one chunk in one call
-   (``OnnxModel.prefill``: equal lengths share a call, equal prompts run once), longer ones
-   ``PREFILL_CHUNK`` characters per iteration between decode steps, so a long prompt delays the
-   running streams by a few milliseconds per step instead of stalling them. Then the request's
-   ``n`` rows join the batch.
-4. Every step is one ONNX call for all rows (``Stepper``), then one vectorised draw with every
-   row's own temperature, top-k, top-p (``sampling.sample_rows``) and its own
-   ``numpy.random.Generator``; per row: ``max_chars`` and stop strings.
+3. The engine thread consumes the newcomers' prompts but their last character (K = 0 calls):
+   prompts that fit one chunk together (``OnnxModel.prefill``: equal lengths share a call, equal
+   prompts run once), longer ones ``PREFILL_CHUNK`` characters per iteration between chunk calls,
+   so a long prompt delays the running streams by a few milliseconds instead of stalling them.
+   Then the request's ``n`` rows join the batch, their pending character the prompt's last one. A
+   lone newcomer on an idle engine skips that: its first chunk call takes the whole prompt.
+4. Every iteration is one chunk call for all rows (``OnnxModel.chunk``): ``chunk_size`` characters
+   per row (16: ~3 ms for 8 rows, ~15 ms for 64, so a newcomer's first characters wait little),
+   sampled in the graph with every row's own temperature, top-k, top-p and Gumbel noise from its
+   own ``numpy.random.Generator``; per row: ``max_chars`` and stop strings.
 5. Characters go to the request's event loop with ``loop.call_soon_threadsafe``, in chunks: a
-   row's first character at once, then what accumulated every ``stream_interval_ms`` (one wake-up
+   row's first characters at once, then what accumulated every ``stream_interval_ms`` (one wake-up
    of the loop per flush for all requests). A character that may begin a stop string is held
    back until it is clear that it does not (as ``Generator.stream``).
 6. Rows that finish (length, stop) or whose request is cancelled (``Engine.cancel``: the client
    went away) leave the batch at once; their rows stop counting against ``max_rows``.
 
 Determinism: row i of a request with seed s makes exactly ``Generator.generate(prompt, seed=s + i)``
-with the same parameters, whatever else shares the batch (chunked prefill, batched calls and the
-per-row sampler are bit-exact with the single-request path; tests/test_http.py checks it).
+with the same parameters, whatever else shares the batch and whatever the chunk sizes (the graph
+computes every row as if alone, and each row draws its noise from its own generator in order; see
+``serve.generator``; tests/test_http.py checks it).
 
 Nothing here imports FastAPI: ``ServeSettings`` (the service's settings, with their environment
 variables) lives here so that ``textgen``'s parser can show the defaults without the web stack.
@@ -45,14 +49,13 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from serve.generator import Generator
-from serve.sampling import Sampler, sample_rows
+from serve.sampling import RowNoise, Sampler
 from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, GeneratorError, StopStrings, UnknownCharactersError
 
 log = logging.getLogger("textgen.engine")
 
 PREFILL_CHUNK = 128  # prompt characters per call for long prompts: ~8 ms of a 2x256 model on one core
-PREFILL_BUDGET = 128  # prompt characters consumed per engine iteration (between two decode steps)
-UNIFORM_BLOCK = 256  # uniforms drawn per row at a time (the numbers do not depend on it)
+PREFILL_BUDGET = 128  # prompt characters consumed per engine iteration (between two chunk calls)
 MAX_STOPS = 8  # stop strings per request
 MAX_STOP_CHARS = 64  # characters per stop string
 
@@ -86,10 +89,15 @@ class ServeSettings:
     stream_interval_ms: float = 50.0
     # Retry-After (seconds) of a refused request: about the time a 500-character request takes.
     retry_after_s: int = 1
+    # Characters per row per model call. Larger: fewer calls (~0.2 ms each beyond the characters);
+    # smaller: a newcomer waits less for its first characters (about two calls). At 16 a call of
+    # 64 rows takes ~15 ms on one core, and 32 would add only a few percent of throughput.
+    chunk_size: int = 16
 
     def __post_init__(self) -> None:
         minimum = {"max_chars_cap": 1, "max_prompt_chars": 1, "max_n": 1, "max_rows": 1,
-                   "max_body_bytes": 1024, "threads": 0, "stream_interval_ms": 0, "retry_after_s": 0}
+                   "max_body_bytes": 1024, "threads": 0, "stream_interval_ms": 0, "retry_after_s": 0,
+                   "chunk_size": 1}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = float if f.type == "float" else int
@@ -258,67 +266,61 @@ class _Row:
 
 
 class _Prefill:
-    """A request whose prompt is being consumed (long prompts take several iterations)."""
+    """A request whose prompt but its last character is being consumed (long prompts take several
+    iterations)."""
 
     __slots__ = ("ticket", "ids", "done", "state")
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
-        self.ids = ticket.request.prompt_ids
-        self.done = 0  # prompt characters consumed
+        self.ids = ticket.request.prompt_ids[:-1]  # the last one is the pending character
+        self.done = 0  # characters of `ids` consumed
         self.state: list[np.ndarray] | None = None  # (1, H) per state input after `done` characters
 
 
 class _Batch:
     """The rows being decoded and, aligned with them (index = row of the model batch), their
-    state (in the ``Stepper``), last logits and per-row parameters."""
+    state, pending characters and per-row parameters."""
 
     def __init__(self, generator: Generator) -> None:
         self.model = generator.model
         self.vocab_size = self.model.info.vocab_size
         self.rows: list[_Row] = []
-        self.stepper = None
-        self.logits = np.zeros((0, self.vocab_size), np.float32)  # (k, V) next-character logits
+        self.state = self.model.zero_state(0)  # (k, H) per state input, before `pending`
+        self.pending = np.zeros((0, 1), np.int32)  # (k, T) the next call's char_ids
         self.pos = np.zeros(0, np.int64)  # (k,) characters made
         self.limit = np.zeros(0, np.int64)  # (k,) max_chars
-        self.temperature = np.zeros(0)
-        self.top_k = np.zeros(0, np.int64)
-        self.top_p = np.zeros(0)
-        self.rngs: list[np.random.Generator | None] = []
-        self.uniforms = np.zeros((0, UNIFORM_BLOCK))  # (k, block) drawn ahead per row
-        self.upos = np.zeros(0, np.int64)  # (k,) next unused column of `uniforms`
+        self.settings = self.model.settings(0)  # (k,) temperature, top_k, top_p
+        self.noise = RowNoise([], self.vocab_size)
         self.ends_stop = np.zeros((0, self.vocab_size), bool)  # (k, V) ids that end a stop string
-        self.joined = 0  # rows that joined since the last step (they flush their first character)
+        self.joined = 0  # rows that joined since the last call (they flush their first characters)
 
     @property
     def size(self) -> int:
         return len(self.rows)
 
-    def join(self, arrivals: list[tuple[Ticket, np.ndarray, list[np.ndarray]]], chars: tuple[str, ...]) -> None:
-        """Add the rows of requests whose prompts are consumed: (ticket, logits (1, V), state (1, H)
-        per state input) each. One rebinding of the stepper for all of them."""
+    def join(self, arrivals: list[tuple[Ticket, list[np.ndarray], np.ndarray]], chars: tuple[str, ...]) -> None:
+        """Add the rows of requests whose prompts are consumed: (ticket, state (1, H) per state
+        input, pending characters (1, T)) each; T > 1 only for a lone request on an empty batch."""
         if not arrivals:
             return
         reps = np.array([t.request.n for t, _, _ in arrivals])  # rows per request
         n = int(reps.sum())
         requests = [t.request for t, _, _ in arrivals]
         new_state = [np.repeat(np.concatenate(parts), reps, axis=0)
-                     for parts in zip(*(state for _, _, state in arrivals))]
-        if self.size:
-            new_state = [np.concatenate([a, b]) for a, b in zip(self.stepper.state, new_state)]
-        self.stepper = self.model.stepper(new_state)
-        logits = np.concatenate([lg for _, lg, _ in arrivals])  # (requests, V)
-        self.logits = np.concatenate([self.logits, np.repeat(logits, reps, axis=0)])
+                     for parts in zip(*(st for _, st, _ in arrivals))]
+        self.state = [np.concatenate([a, b]) for a, b in zip(self.state, new_state)]
+        pending = [np.repeat(p, r, axis=0) for (_, _, p), r in zip(arrivals, reps)]
+        self.pending = np.concatenate([self.pending, *pending]) if self.size else np.concatenate(pending)
         self.rows += [_Row(t, i) for t, _, _ in arrivals for i in range(t.request.n)]
         self.pos = np.concatenate([self.pos, np.zeros(n, np.int64)])
         self.limit = np.concatenate([self.limit, np.repeat([r.max_chars for r in requests], reps)])
-        self.temperature = np.concatenate([self.temperature, np.repeat([r.temperature for r in requests], reps)])
-        self.top_k = np.concatenate([self.top_k, np.repeat([r.top_k for r in requests], reps)])
-        self.top_p = np.concatenate([self.top_p, np.repeat([r.top_p for r in requests], reps)])
-        self.rngs += [None if r.seed is None else np.random.default_rng(r.seed + i)
-                      for r in requests for i in range(r.n)]
-        self.uniforms = np.concatenate([self.uniforms, np.zeros((n, UNIFORM_BLOCK))])
-        self.upos = np.concatenate([self.upos, np.full(n, UNIFORM_BLOCK, np.int64)])  # drawn on first use
+        joined = self.model.settings(n, np.repeat([r.temperature for r in requests], reps),
+                                     np.repeat([r.top_k for r in requests], reps),
+                                     np.repeat([r.top_p for r in requests], reps))
+        self.settings = {k: np.concatenate([self.settings[k], joined[k]]) for k in self.settings}
+        self.noise.extend([None if r.seed is None else np.random.default_rng(r.seed + i)
+                           for r in requests for i in range(r.n)])
         ends = [np.array([c in r.stops.last_chars for c in chars]) if r.stops else np.zeros(len(chars), bool)
                 for r in requests]
         self.ends_stop = np.concatenate([self.ends_stop, np.repeat(np.stack(ends), reps, axis=0)])
@@ -327,27 +329,13 @@ class _Batch:
     def keep(self, keep: np.ndarray) -> None:
         """Continue with rows ``keep`` (indices, in order)."""
         self.rows = [self.rows[i] for i in keep]
-        if len(keep):
-            self.stepper.keep(keep)
-        else:
-            self.stepper = None
-        self.logits = self.logits[keep]
+        self.state = [s[keep] for s in self.state]
+        self.pending = self.pending[keep]
         self.pos, self.limit = self.pos[keep], self.limit[keep]
-        self.temperature, self.top_k, self.top_p = self.temperature[keep], self.top_k[keep], self.top_p[keep]
-        self.rngs = [self.rngs[i] for i in keep]
-        self.uniforms, self.upos = self.uniforms[keep], self.upos[keep]
+        self.settings = {k: v[keep] for k, v in self.settings.items()}
+        self.noise.keep(keep)
         self.ends_stop = self.ends_stop[keep]
         self.joined = min(self.joined, len(keep))
-
-    def next_uniforms(self) -> np.ndarray:
-        """(k,) one uniform per row from the row's own generator (0 for greedy rows)."""
-        for i in np.flatnonzero(self.upos == UNIFORM_BLOCK):
-            rng = self.rngs[i]
-            self.uniforms[i] = 0.0 if rng is None else rng.random(UNIFORM_BLOCK)
-            self.upos[i] = 0
-        u = self.uniforms[np.arange(self.size), self.upos]
-        self.upos += 1
-        return u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,9 +526,15 @@ class Engine:
 
     def _prefill(self) -> None:
         model = self.generator.model
+        b = self._batch
+        arrivals = []  # (ticket, state (1, H) per input, pending (1, T)) of prompts now consumed
+        if not b.size and len(self._prefilling) == 1 and len(self._prefilling[0].ids) < PREFILL_CHUNK:
+            # A lone newcomer on an idle engine: its first chunk call consumes the whole prompt.
+            p = self._prefilling.pop()
+            b.join([(p.ticket, model.zero_state(1), p.ticket.request.prompt_ids[None])], self.chars)
+            return
         budget = PREFILL_BUDGET
         whole: list[_Prefill] = []  # prompts that fit one chunk: consumed together below
-        arrivals = []  # (ticket, logits (1, V), state) of prompts now consumed
         for p in self._prefilling:
             if budget <= 0:
                 break
@@ -550,40 +544,47 @@ class Engine:
                 budget -= left
                 continue
             chunk = p.ids[p.done : p.done + min(left, PREFILL_CHUNK)]
-            logits, p.state = model.run(chunk[None], p.state)  # (1, T, V)
+            _, p.state = model.run(chunk[None], p.state)
             p.done += len(chunk)
             budget -= len(chunk)
             if p.done == len(p.ids):
-                arrivals.append((p.ticket, logits[:, -1], p.state))
+                arrivals.append((p.ticket, p.state, p.ticket.request.prompt_ids[None, -1:]))
         if whole:
-            logits, state = model.prefill([p.ids for p in whole])  # (w, V), (w, H)
+            state = model.prefill([p.ids for p in whole])  # (w, H); an empty prompt: zeros
             for i, p in enumerate(whole):
                 p.done = len(p.ids)
-                arrivals.append((p.ticket, logits[i : i + 1], [s[i : i + 1] for s in state]))
-        self._batch.join(arrivals, self.chars)
-        self._prefilling = [p for p in self._prefilling if p.done < len(p.ids)]
+                arrivals.append((p.ticket, [s[i : i + 1] for s in state], p.ticket.request.prompt_ids[None, -1:]))
+        b.join(arrivals, self.chars)
+        joined = {t.id for t, _, _ in arrivals}
+        self._prefilling = [p for p in self._prefilling if p.ticket.id not in joined]
 
     def _step(self) -> None:
         b = self._batch
         k = b.size
-        ids = sample_rows(b.logits, b.next_uniforms(), b.temperature, b.top_k, b.top_p)  # (k,)
-        for row, i in zip(b.rows, ids.tolist()):
-            row.ids.append(i)
-        b.pos += 1
-        done = b.pos >= b.limit  # (k,)
-        if b.ends_stop.any():
-            for j in np.flatnonzero(b.ends_stop[np.arange(k), ids]):
-                done[j] |= self._stopped(b.rows[j])
+        steps = int(min(self.settings.chunk_size, (b.limit - b.pos).max()))
+        ids, b.state = b.model.chunk(b.pending, b.state, b.noise.take(steps), b.settings)  # (k, K)
+        done = np.zeros(k, bool)
+        made = 0
+        ends = b.ends_stop[np.arange(k)[:, None], ids].any(axis=1) if b.ends_stop.any() else np.zeros(k, bool)
+        for j, (row, new) in enumerate(zip(b.rows, ids.tolist())):
+            start = len(row.ids)
+            row.ids += new[: b.limit[j] - b.pos[j]]
+            if ends[j] and self._stopped(row, start):
+                done[j] = True
+            made += len(row.ids) - start
+        b.pos += steps
+        done |= b.pos >= b.limit
+        b.pending = ids[:, -1:]
         with self._lock:
             self._counts["steps"] += 1
-            self._counts["chars"] += k
+            self._counts["chars"] += made
 
         now = time.monotonic()
         out: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]] = {}
         if now >= self._next_flush:  # every streaming row
             self._next_flush = now + self._interval
             flush = range(k)
-        else:  # rows that just made their first character, and finished rows
+        else:  # rows that just made their first characters, and finished rows
             flush = itertools.chain(range(k - b.joined, k), np.flatnonzero(done).tolist())
         b.joined = 0
         for j in flush:
@@ -608,21 +609,20 @@ class Engine:
                 self._rows_in_flight -= len(finished)
                 self._requests_in_flight -= ended
                 self._counts["completed"] += ended
-            keep = np.flatnonzero(~done)
-            b.keep(keep)
-            ids = ids[keep]
+            b.keep(np.flatnonzero(~done))
         self._deliver(out)
-        if b.size:
-            b.logits = b.stepper.step(ids)
 
-    def _stopped(self, row: _Row) -> bool:
-        """Whether the row's text now ends with one of its stop strings (then remembered in cut)."""
-        tail = self._decode(row.ids[-row.stops.longest :])
-        for s in row.stops.stops:
-            if tail.endswith(s):
-                row.cut = len(s)
-                return True
-        return False
+    def _stopped(self, row: _Row, start: int) -> bool:
+        """Whether the row's text ends with one of its stop strings somewhere after ``start`` (the
+        characters before did not): then the text is cut there and ``row.cut`` remembers it."""
+        stops = row.stops
+        tail_start = max(0, start - (stops.longest - 1))
+        found = stops.find_first(self._decode(row.ids[tail_start:]))
+        if found is None:
+            return False
+        del row.ids[tail_start + found[0] :]
+        row.cut = found[1]
+        return True
 
     def _send_delta(self, row: _Row, done: bool, out: dict) -> None:
         n = len(row.ids) - row.cut

@@ -1,18 +1,27 @@
 """The generation API: ``Generator.load(path)``, then ``generate``, ``stream`` or ``generate_batch``.
 
-How a request runs:
+How a request runs (the ONNX graph samples; see ``serve.onnx_model`` for the call):
 
-1. The prompt is lowercased if the model was trained lowercased (``textgen.lowercase``), encoded
-   with the unknown-character policy, and consumed in ONE model call (T = len(prompt)) from the
-   zero state. An empty prompt starts from the zero state fed with one newline (the model's
-   "start of a paragraph"; a space if the vocabulary has no newline); that character is not output.
-2. Then one character per step: sampler(logits) -> id, fed back with the carried state.
-3. A row ends after ``max_chars`` characters, or when its output ends with a stop string (which is
-   removed from the output, so the text returned is at most ``max_chars`` characters).
+1. The prompt is lowercased if the model was trained lowercased (``textgen.lowercase``) and
+   encoded with the unknown-character policy. An empty prompt is one newline (the model's "start
+   of a paragraph"; a space if the vocabulary has no newline); that character is not output.
+2. One model call consumes the whole prompt from the zero state and samples the first chunk of
+   characters (``FIRST_CHUNK``, small: the first characters come sooner); then one call per chunk
+   of ``chunk_size`` characters, each fed the pending (last sampled) character and the state.
+3. A row ends after ``max_chars`` characters (the last chunk is cut to fit), or at the first place
+   where its output ends with a stop string (checked after every chunk; the stop string is removed,
+   so the text returned is at most ``max_chars`` characters).
 
-Batches: every row has its own prompt, its own RNG and its own stop; all running rows advance in
-one batched model call per step, and rows that finish leave the batch. Row i with ``seed=s`` makes
-exactly the text of ``generate(prompts[i], seed=s + i)`` (or ``seed=seeds[i]`` for a list).
+Batches: every row has its own prompt, its own RNG and its own stop. The distinct prompts minus
+their last character are consumed first (one call per prompt length, from the zero state), then
+all running rows sample in one call per chunk, fed their pending character (the prompt's last one
+at first); rows that finish leave the batch.
+
+Determinism: each row's ``numpy.random.Generator`` gives the graph K x V Gumbel numbers per call, in
+order (``sampling.RowNoise``), and the graph computes every row exactly as if it were alone, so the
+text depends on the seed and the arguments only, not on the chunk size or the batch: row i with
+``seed=s`` makes exactly the text of ``generate(prompts[i], seed=s + i)`` (or ``seed=seeds[i]``
+for a list), and the HTTP engine makes that text too.
 """
 
 from __future__ import annotations
@@ -23,12 +32,17 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from serve.onnx_model import OnnxModel
-from serve.sampling import RowUniforms, Sampler
+from serve.sampling import RowNoise, Sampler, row_rngs
 from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, MAX_CHARS_CAP, GeneratorError, StopStream, StopStrings
 
 MAX_PROMPT_CHARS = 100_000  # a longer prompt is a mistake more often than a wish
 MAX_BATCH = 4096  # rows of one generate_batch call
 MAX_BATCH_CHARS = 16_000_000  # rows x max_chars of one call: the generated ids take 4 bytes each
+# Characters per model call. A call costs ~0.2 ms beyond its characters (~55 µs each for a 2x256
+# model on one core): 32 keeps that under 10% of a single stream, a stop string wastes at most 31
+# characters, and a stream's characters come in bursts of ~2 ms (bench/generation.py).
+DEFAULT_CHUNK = 32
+FIRST_CHUNK = 8  # the first call's (it also consumes the prompt): the first characters come sooner
 
 
 class Generator:
@@ -40,10 +54,12 @@ class Generator:
         model: OnnxModel,
         max_chars_cap: int = MAX_CHARS_CAP,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
+        chunk_size: int = DEFAULT_CHUNK,
     ) -> None:
         self.model = model
         self.max_chars_cap = _count("max_chars_cap", max_chars_cap, minimum=1)
         self.max_prompt_chars = _count("max_prompt_chars", max_prompt_chars, minimum=1)
+        self.chunk_size = _count("chunk_size", chunk_size, minimum=1)
         vocab = model.vocabulary
         start = "\n" if "\n" in vocab else " " if " " in vocab else vocab.chars[0]
         self._start_ids = np.array([vocab.index[start]], np.int32)
@@ -57,12 +73,14 @@ class Generator:
         session_options=None,
         max_chars_cap: int = MAX_CHARS_CAP,
         max_prompt_chars: int = MAX_PROMPT_CHARS,
+        chunk_size: int = DEFAULT_CHUNK,
     ) -> Generator:
         """Open an exported model. ``num_threads``: onnxruntime intra-op threads (default 1;
         0 = one per core). ``session_options``: an ``onnxruntime.SessionOptions`` to use instead
-        of ours. ``max_chars_cap`` / ``max_prompt_chars``: limits per request."""
+        of ours. ``max_chars_cap`` / ``max_prompt_chars``: limits per request. ``chunk_size``:
+        characters sampled per model call (speed only: the text does not depend on it)."""
         model = OnnxModel.load(path, num_threads=num_threads, options=session_options)
-        return cls(model, max_chars_cap=max_chars_cap, max_prompt_chars=max_prompt_chars)
+        return cls(model, max_chars_cap=max_chars_cap, max_prompt_chars=max_prompt_chars, chunk_size=chunk_size)
 
     @property
     def vocab(self) -> tuple[str, ...]:
@@ -95,12 +113,11 @@ class Generator:
         text (None: fresh randomness). stop: a string or list of strings; generation ends when the
         output ends with one, and the stop string is NOT included. unknown: what to do with prompt
         characters the model does not know: "error", "skip", or "replace" (with ``replacement``)."""
-        return "".join(
-            self.stream(
-                prompt, max_chars=max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-                seed=seed, stop=stop, unknown=unknown, replacement=replacement,
-            )
-        )
+        run = self._prepare([prompt], max_chars, temperature, top_k, top_p, [_row_seed(seed)], stop,
+                            unknown, replacement)
+        for _ in run:
+            pass
+        return run.texts()[0]
 
     def stream(
         self,
@@ -115,7 +132,8 @@ class Generator:
         unknown: str = "error",
         replacement: str = " ",
     ) -> Iterator[str]:
-        """``generate``, one character at a time as they are made (same arguments, same text).
+        """``generate``, one character at a time as they are made (same arguments, same text; the
+        model makes them a chunk at a time).
 
         Arguments are checked before the first character (a bad one raises on the call, not on
         the first ``next``). With stop strings, a character that may begin a stop string is held
@@ -138,7 +156,7 @@ class Generator:
         unknown: str = "error",
         replacement: str = " ",
     ) -> list[str]:
-        """Many samples in one pass: one batched model call per step for all running rows.
+        """Many samples in one pass: one batched model call per chunk for all running rows.
 
         prompts: a list of prompts (one row each), or a number n of rows that all continue
         ``prompt``. seed: an int s gives row i the seed s + i, a list gives one seed per row; row i
@@ -183,8 +201,7 @@ class Generator:
             )
         stops = StopStrings(stop)
         ids = [self._encode(p, unknown, replacement) for p in prompts]
-        rngs = None if sampler.greedy else [np.random.default_rng(s) for s in seeds]
-        return _Run(self.model, ids, sampler, rngs, max_chars, stops)
+        return _Run(self.model, ids, sampler, row_rngs(seeds, sampler.greedy), max_chars, stops, self.chunk_size)
 
     def _encode(self, prompt: str, unknown: str, replacement: str) -> np.ndarray:
         if not isinstance(prompt, str):
@@ -204,24 +221,27 @@ class Generator:
         chars = self.model.vocabulary.chars
         if not run.stops:
             for _, ids in run:
-                yield chars[ids[0]]
+                yield from (chars[i] for i in ids[0].tolist())
             return
         held = StopStream(run.stops)
         for _, ids in run:
-            yield from held.push(chars[ids[0]])
-            if held.stopped:
-                return
+            for i in ids[0].tolist():
+                yield from held.push(chars[i])
+                if held.stopped:
+                    return
         yield from held.flush()
 
 
 class _Run:
-    """One request: B rows decoded in lockstep. Iterating runs it, yielding per step the original
-    indices (k,) of the rows that made a character and the characters (k,) int32; afterwards
-    ``texts()`` gives every row's output."""
+    """One request: B rows decoded in lockstep, a chunk of characters per row per model call.
+    Iterating runs it, yielding per call the original indices (k,) of the running rows and the
+    characters (k, K) int32 they made (a row that stops mid-chunk made the rest too; they are not
+    part of its text); afterwards ``texts()`` gives every row's output."""
 
-    def __init__(self, model: OnnxModel, prompts, sampler: Sampler, rngs, max_chars: int, stops: StopStrings):
+    def __init__(self, model: OnnxModel, prompts, sampler: Sampler, rngs, max_chars: int, stops: StopStrings,
+                 chunk_size: int):
         self.model, self.prompts, self.sampler, self.rngs = model, prompts, sampler, rngs
-        self.max_chars, self.stops = max_chars, stops
+        self.max_chars, self.stops, self.chunk_size = max_chars, stops, chunk_size
         b = len(prompts)
         self.out = np.zeros((b, max_chars), np.int32)  # (B, max_chars) generated ids
         self.length = np.zeros(b, np.int64)  # characters generated per row, stop string included
@@ -230,51 +250,54 @@ class _Run:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.max_chars == 0:
             return
-        vocab = self.model.vocabulary
-        logits, state = self.model.prefill(self.prompts)  # (B, V), (B, H) per state input
-        stepper = self.model.stepper(state)
-        sampler, out, stops = self.sampler, self.out, self.stops
-        uniforms = None if self.rngs is None else RowUniforms(self.rngs)
-        # (V,) bool: ids that end some stop string; only rows that just made one are checked.
-        ends_stop = np.array([c in stops.last_chars for c in vocab.chars]) if stops else None
-        rows = np.arange(len(self.prompts))
-        last = self.max_chars - 1
-        for t in range(self.max_chars):
-            ids = sampler(logits, None if uniforms is None else uniforms.next())  # (k,)
-            out[rows, t] = ids
+        model, out, b = self.model, self.out, len(self.prompts)
+        s = self.sampler
+        settings = model.settings(b, s.temperature, s.top_k, s.top_p)
+        noise = RowNoise(self.rngs, model.info.vocab_size)
+        if b == 1:  # the whole prompt in the first call
+            char_ids, state = self.prompts[0][None], model.zero_state(1)
+        else:  # every prompt but its last character first (K = 0), then that one is pending
+            state = model.prefill([p[:-1] for p in self.prompts])
+            char_ids = np.array([p[-1] for p in self.prompts], np.int32)[:, None]
+        # (V,) bool: ids that end some stop string; only rows that made one are checked.
+        ends_stop = np.array([c in self.stops.last_chars for c in model.vocabulary.chars]) if self.stops else None
+        rows = np.arange(b)
+        pos = 0  # characters made per running row
+        while True:
+            k = min(FIRST_CHUNK if pos == 0 else self.chunk_size, self.max_chars - pos)
+            ids, state = model.chunk(char_ids, state, noise.take(k), settings)  # (k_rows, K)
+            out[rows, pos : pos + k] = ids
+            pos += k
             yield rows, ids
-            if t == last:
-                self.length[rows] = self.max_chars
+            done = np.zeros(len(rows), bool)
+            if ends_stop is not None:
+                for j in np.flatnonzero(ends_stop[ids].any(axis=1)):
+                    done[j] = self._stopped(rows[j], pos - k, pos)
+            if pos == self.max_chars:
+                self.length[rows[~done]] = pos
                 return
-            if ends_stop is not None and ends_stop[ids].any():
-                done = self._stopped(rows, ids, t + 1, ends_stop)
-                if done.any():
-                    self.length[rows[done]] = t + 1
-                    keep = np.flatnonzero(~done)
-                    if len(keep) == 0:
-                        return
-                    rows, ids = rows[keep], ids[keep]
-                    stepper.keep(keep)
-                    if uniforms is not None:
-                        uniforms.keep(keep)
-            logits = stepper.step(ids)
+            if done.any():
+                keep = np.flatnonzero(~done)
+                if len(keep) == 0:
+                    return
+                rows, ids, state = rows[keep], ids[keep], [x[keep] for x in state]
+                settings = {name: x[keep] for name, x in settings.items()}
+                noise.keep(keep)
+            char_ids = ids[:, -1:]
 
-    def _stopped(self, rows: np.ndarray, ids: np.ndarray, n: int, ends_stop: np.ndarray) -> np.ndarray:
-        """(k,) bool: the rows whose first n characters now end with a stop string."""
-        done = np.zeros(len(rows), bool)
-        longest = self.stops.longest
-        for j in np.flatnonzero(ends_stop[ids]):
-            r = rows[j]
-            tail = self.model.vocabulary.decode(self.out[r, max(0, n - longest) : n])
-            for s in self.stops.stops:
-                if tail.endswith(s):
-                    done[j], self.cut[r] = True, len(s)
-                    break
-        return done
+    def _stopped(self, r: int, start: int, end: int) -> bool:
+        """Whether row r's output ends with a stop string somewhere in [start, end) (it did not
+        before ``start``); if so its length and cut are set at the first such place."""
+        tail_start = max(0, start - (self.stops.longest - 1))
+        found = self.stops.find_first(self.model.vocabulary.decode(self.out[r, tail_start:end].tolist()))
+        if found is None:
+            return False
+        self.length[r], self.cut[r] = tail_start + found[0], found[1]
+        return True
 
     def texts(self) -> list[str]:
         decode = self.model.vocabulary.decode
-        return [decode(self.out[r, : self.length[r] - self.cut[r]]) for r in range(len(self.prompts))]
+        return [decode(self.out[r, : self.length[r] - self.cut[r]].tolist()) for r in range(len(self.prompts))]
 
 
 # ---------------------------------------------------------------------------------------------

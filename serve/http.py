@@ -425,6 +425,7 @@ def model_metadata(gen: Generator, settings: ServeSettings) -> dict[str, Any]:
         "train_config": info.train_config,
         "metrics": info.metrics,
         "exported_at": info.exported_at,
+        "generation": info.generation,
         "limits": {
             "max_chars_cap": settings.max_chars_cap,
             "max_prompt_chars": settings.max_prompt_chars,

@@ -1,20 +1,25 @@
-"""The ONNX step model behind one onnxruntime session: load, check the contract, run steps.
+"""The exported model behind one onnxruntime session: load, check the contract, run calls.
 
-The contract (written by ``export/onnx.py``):
+The contract (written by ``export/onnx.py`` and ``export/generation.py``):
 
-    inputs    char_ids (B, T) int32; h_i, c_i (B, H_i) float32 for every LSTM layer i
-    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32
+    inputs    char_ids (B, T) int32; h_i, c_i (B, H_i) float32 for every LSTM layer i;
+              sample_noise (B, K, V) float32 (standard Gumbel noise; zeros for greedy rows),
+              temperature (B,) float32 (<= 0: greedy), top_k (B,) int64 (<= 0: off),
+              top_p (B,) float32 (>= 1: off)
+    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32; sampled_ids (B, K) int32
     metadata  textgen.format_version "1", textgen.vocab (JSON list, index = id), textgen.lowercase,
               textgen.model_config, textgen.train_config, textgen.metrics, textgen.state_inputs,
-              textgen.state_outputs, textgen.state_sizes (JSON), ...
+              textgen.state_outputs, textgen.state_sizes, textgen.generation (JSON), ...
+
+One call consumes ``char_ids`` and then samples K characters in the graph (an ONNX ``Loop``); the
+state outputs are the state after ``char_ids`` and the first K - 1 sampled ids: the last one is
+*pending*, the next call's ``char_ids`` (B, 1). With K = 0 the call is the plain step model
+(logits of every position, the state after ``char_ids``).
 
 ``OnnxModel.load`` checks all of it and says what is wrong with a file that does not match. The
-per-step work (feed ids + state, get logits + state) is behind a small interface used by the
-generator: ``OnnxModel.prefill`` (prompts -> last logits and state, one call per prompt length)
-and ``Stepper`` (one character per row per call, state kept in preallocated buffers). A faster
-backend (quantised weights, an in-graph loop) replaces these two and nothing else.
-
-One session may serve many threads at once; every request owns its ``Stepper`` (state, buffers).
+generator uses three calls: ``run`` (K = 0: logits and state, for evaluation), ``prefill``
+(prompts -> state, one K = 0 call per prompt length) and ``chunk`` (sample K characters per row).
+One session may serve many threads at once: the calls keep no state of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from serve.text import GeneratorError, Vocabulary
 FORMAT_VERSION = "1"
 INPUT_NAME = "char_ids"  # (B, T) int32
 LOGITS_NAME = "logits"  # (B, T, V) float32
+NOISE_NAME = "sample_noise"  # (B, K, V) float32
+SETTING_INPUTS = (("temperature", "tensor(float)", np.float32),  # (B,) each
+                  ("top_k", "tensor(int64)", np.int64),
+                  ("top_p", "tensor(float)", np.float32))
+SAMPLED_NAME = "sampled_ids"  # (B, K) int32
 REQUIRED_METADATA = (
     "textgen.format_version",
     "textgen.vocab",
@@ -44,6 +54,7 @@ REQUIRED_METADATA = (
     "textgen.state_outputs",
     "textgen.state_sizes",
 )
+GENERATION_METADATA = "textgen.generation"  # added with the in-graph sampling loop
 # Every error onnxruntime raises while loading a file (they derive from Exception directly).
 _ORT_LOAD_ERRORS = tuple(
     getattr(_ort_errors, n)
@@ -56,6 +67,7 @@ _ORT_LOAD_ERRORS = tuple(
 PREFILL_CHARS_PER_CALL = 1 << 20
 
 HOW_TO_EXPORT = "export a checkpoint with `textgen export RUN_DIR --out model.onnx`"
+OLDER_TEXTGEN = "this model was exported by an older textgen; re-export it with `textgen export`"
 
 
 class ModelFileError(GeneratorError):
@@ -74,6 +86,7 @@ class ModelInfo:
     model_config: dict[str, Any]  # kind, embedding_dim, lstm_units, dropout, seq_len
     train_config: dict[str, Any] = field(default_factory=dict)  # val_fraction, seed, lowercase, ...
     metrics: dict[str, Any] = field(default_factory=dict)  # val_loss, val_bpc, epoch, ...
+    generation: dict[str, Any] = field(default_factory=dict)  # precision, export-time checks, ...
     exported_at: str | None = None
 
     @property
@@ -97,7 +110,7 @@ def session_options(num_threads: int = 1) -> ort.SessionOptions:
 
 
 class OnnxModel:
-    """A checked step model: ``OnnxModel.load(path)``, then ``prefill``/``stepper``/``run``."""
+    """A checked model: ``OnnxModel.load(path)``, then ``run`` / ``prefill`` / ``chunk``."""
 
     def __init__(self, session: ort.InferenceSession, info: ModelInfo, path: str = "<memory>") -> None:
         self.session = session
@@ -105,7 +118,8 @@ class OnnxModel:
         self.path = path
         self.vocabulary = Vocabulary(info.vocab)
         _check_signature(session, info, path)
-        self._output_names = [LOGITS_NAME, *info.state_outputs]
+        self._step_outputs = [LOGITS_NAME, *info.state_outputs]
+        self._chunk_outputs = [SAMPLED_NAME, *info.state_outputs]
 
     @classmethod
     def load(
@@ -146,34 +160,58 @@ class OnnxModel:
     def zero_state(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, h), np.float32) for h in self.info.state_sizes]
 
+    def settings(self, batch: int, temperature=1.0, top_k=0, top_p=1.0) -> dict[str, np.ndarray]:
+        """The (B,) ``temperature``, ``top_k``, ``top_p`` inputs: scalars are repeated per row."""
+        return {name: np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype), (batch,)))
+                for (name, _, dtype), value in zip(SETTING_INPUTS, (temperature, top_k, top_p))}
+
     def run(
         self, char_ids: np.ndarray, state: Sequence[np.ndarray] | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One call: char_ids (B, T) int32 and state (zero if None) -> logits (B, T, V), new state."""
+        """The step model (K = 0): char_ids (B, T) int32 and state (zero if None) -> logits
+        (B, T, V) and the state after char_ids."""
         char_ids = np.ascontiguousarray(char_ids, dtype=np.int32)
+        b = char_ids.shape[0]
         if state is None:
-            state = self.zero_state(char_ids.shape[0])
-        feed = {INPUT_NAME: char_ids, **dict(zip(self.info.state_inputs, state))}
-        logits, *new_state = self.session.run(self._output_names, feed)
+            state = self.zero_state(b)
+        feed = {INPUT_NAME: char_ids, **dict(zip(self.info.state_inputs, state)),
+                NOISE_NAME: np.zeros((b, 0, self.info.vocab_size), np.float32), **self.settings(b)}
+        logits, *new_state = self.session.run(self._step_outputs, feed)
         return logits, new_state
 
-    def prefill(self, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Consume every row's prompt from the zero state -> (B, V) logits of its last position and
-        the (B, H) state after it. Each distinct prompt runs once; prompts of equal length share
-        one call (T = their length), so a batch of n samples of one prompt costs one call."""
-        if any(len(p) == 0 for p in prompts):
-            raise GeneratorError("prefill needs at least one character per prompt")
-        unique: list[np.ndarray] = []  # distinct prompts
+    def chunk(
+        self,
+        char_ids: np.ndarray,
+        state: Sequence[np.ndarray],
+        noise: np.ndarray,
+        settings: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Consume char_ids (B, T) from ``state``, then sample K characters per row in the graph.
+
+        noise (B, K, V) float32: standard Gumbel noise (``sampling.RowNoise``); settings: the
+        (B,) temperature / top_k / top_p arrays (``settings``). Returns the sampled ids (B, K) int32
+        and the state before the last of them, which is pending: the next call's char_ids."""
+        feed = {INPUT_NAME: np.ascontiguousarray(char_ids, dtype=np.int32),
+                **dict(zip(self.info.state_inputs, state)), NOISE_NAME: noise, **settings}
+        ids, *new_state = self.session.run(self._chunk_outputs, feed)
+        return ids, new_state
+
+    def prefill(self, prompts: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The state (B, H) after each row's prompt (T_b,) from the zero state; an empty prompt
+        leaves the zero state. Each distinct prompt runs once; prompts of equal length share one
+        call (T = their length), so n rows of one prompt cost one call."""
+        unique: list[np.ndarray] = []  # distinct non-empty prompts
         index: dict[bytes, int] = {}
-        row_of = np.empty(len(prompts), np.intp)  # (B,) row -> its distinct prompt
+        row_of = np.full(len(prompts), -1, np.intp)  # (B,) row -> its distinct prompt (-1: empty)
         for row, p in enumerate(prompts):
+            if len(p) == 0:
+                continue
             key = p.tobytes()
             if key not in index:
                 index[key] = len(unique)
                 unique.append(p)
             row_of[row] = index[key]
-        logits = np.empty((len(unique), self.info.vocab_size), np.float32)
-        state = self.zero_state(len(unique))
+        state = self.zero_state(len(unique) + 1)  # the last row stays zero: the empty prompts'
         by_length: dict[int, list[int]] = {}
         for u, p in enumerate(unique):
             by_length.setdefault(len(p), []).append(u)
@@ -181,14 +219,10 @@ class OnnxModel:
             per_call = max(1, PREFILL_CHARS_PER_CALL // length)
             for i in range(0, len(members), per_call):
                 rows = members[i : i + per_call]
-                out, new_state = self.run(np.stack([unique[u] for u in rows]))
-                logits[rows] = out[:, -1]
+                _, new_state = self.run(np.stack([unique[u] for u in rows]))
                 for s, n in zip(state, new_state):
                     s[rows] = n
-        return logits[row_of], [s[row_of] for s in state]
-
-    def stepper(self, state: Sequence[np.ndarray]) -> Stepper:
-        return Stepper(self, state)
+        return [s[row_of] for s in state]
 
     def window_loss(self, ids: np.ndarray, seq_len: int, batch_size: int = 64) -> tuple[float, int, int]:
         """Training's validation protocol: windows of seq_len + 1 ids from position 0 with stride
@@ -206,60 +240,6 @@ class OnnxModel:
             target = np.take_along_axis(x, windows[:, 1:, None].astype(np.intp), axis=-1)[..., 0]
             total += float((lse - target).sum())
         return total, len(starts) * seq_len, len(starts)
-
-
-class Stepper:
-    """One character per row per call, for one request. The state lives in two preallocated sets of
-    buffers bound to the session (``io_binding``) in both directions: step n reads set A and writes
-    set B, step n+1 the reverse, so no step allocates arrays for inputs, state or logits.
-
-    ``step`` returns a (B, V) view of the logits buffer: it is overwritten by the next step."""
-
-    def __init__(self, model: OnnxModel, state: Sequence[np.ndarray]) -> None:
-        self.model = model
-        self._bind(list(state))
-
-    @property
-    def batch(self) -> int:
-        return self._ids.shape[0]
-
-    def _bind(self, state: list[np.ndarray]) -> None:
-        info, session = self.model.info, self.model.session
-        b = state[0].shape[0]
-        self._ids = np.zeros((b, 1), np.int32)  # (B, 1)
-        self._logits = np.zeros((b, 1, info.vocab_size), np.float32)  # (B, 1, V)
-        self._states = (
-            [np.array(s, np.float32, order="C", copy=True) for s in state],
-            [np.empty_like(s, np.float32) for s in state],
-        )
-        ortvalue = ort.OrtValue.ortvalue_from_numpy  # shares the numpy buffer (CPU)
-        self._bindings = []
-        for src, dst in ((0, 1), (1, 0)):
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(INPUT_NAME, ortvalue(self._ids))
-            binding.bind_ortvalue_output(LOGITS_NAME, ortvalue(self._logits))
-            for name, s in zip(info.state_inputs, self._states[src]):
-                binding.bind_ortvalue_input(name, ortvalue(s))
-            for name, s in zip(info.state_outputs, self._states[dst]):
-                binding.bind_ortvalue_output(name, ortvalue(s))
-            self._bindings.append(binding)
-        self._current = 0  # index of the set holding the latest state
-
-    @property
-    def state(self) -> list[np.ndarray]:
-        """The latest state (B, H) per state input (views of the live buffers)."""
-        return self._states[self._current]
-
-    def step(self, char_ids: np.ndarray) -> np.ndarray:
-        """(B,) int32 ids -> (B, V) logits of the next character; advances the state."""
-        self._ids[:, 0] = char_ids
-        self.model.session.run_with_iobinding(self._bindings[self._current])
-        self._current ^= 1
-        return self._logits[:, 0]
-
-    def keep(self, rows: np.ndarray) -> None:
-        """Continue with ``rows`` only (indices into the current rows): finished rows cost nothing."""
-        self._bind([s[rows] for s in self.state])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +266,9 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
             f"{path} has textgen.format_version {version!r}; this generator reads version {FORMAT_VERSION}; "
             "export the model again with this version of textgen"
         )
+    if GENERATION_METADATA not in meta:  # a step model without the sampling loop
+        raise ModelFileError(f"{path}: {OLDER_TEXTGEN} (it has no {GENERATION_METADATA} metadata and no sampling loop)")
+    generation = _json(meta, GENERATION_METADATA, path)
     vocab = _json(meta, "textgen.vocab", path)
     lowercase = _json(meta, "textgen.lowercase", path)
     model_config = _json(meta, "textgen.model_config", path)
@@ -305,6 +288,8 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
             and all(isinstance(h, int) and h > 0 for h in sizes)):
         problems.append("textgen.state_inputs, state_outputs and state_sizes must be lists of equal, non-zero "
                         "length (names, names, positive sizes)")
+    if not isinstance(generation, dict):
+        problems.append(f"{GENERATION_METADATA} must be a JSON object")
     if problems:
         raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
     optional = {}
@@ -313,17 +298,21 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
         optional[key] = value if isinstance(value, dict) else {}
     return ModelInfo(
         vocab=tuple(vocab), lowercase=lowercase, state_inputs=tuple(ins), state_outputs=tuple(outs),
-        state_sizes=tuple(sizes), model_config=model_config, exported_at=meta.get("textgen.exported_at"),
-        **optional,
+        state_sizes=tuple(sizes), model_config=model_config, generation=generation,
+        exported_at=meta.get("textgen.exported_at"), **optional,
     )
 
 
 def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) -> None:
     """The graph's inputs and outputs must be exactly what the metadata promises."""
+    v = info.vocab_size
     want_in = {INPUT_NAME: ("tensor(int32)", [None, None])}
     want_in.update({n: ("tensor(float)", [None, h]) for n, h in zip(info.state_inputs, info.state_sizes)})
-    want_out = {LOGITS_NAME: ("tensor(float)", [None, None, info.vocab_size])}
+    want_in[NOISE_NAME] = ("tensor(float)", [None, None, v])
+    want_in.update({name: (kind, [None]) for name, kind, _ in SETTING_INPUTS})
+    want_out = {LOGITS_NAME: ("tensor(float)", [None, None, v])}
     want_out.update({n: ("tensor(float)", [None, h]) for n, h in zip(info.state_outputs, info.state_sizes)})
+    want_out[SAMPLED_NAME] = ("tensor(int32)", [None, None])
 
     def describe(args) -> dict[str, tuple[str, list]]:
         return {a.name: (a.type, list(a.shape)) for a in args}
@@ -345,7 +334,9 @@ def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) 
                 problems.append(f"{what} {name!r} is {got_type} {got_shape}, expected {want_type} ({shape})")
     if problems:
         raise ModelFileError(
-            f"{path} does not match the textgen step-model contract: {'; '.join(sorted(problems))}. "
-            f"Expected inputs {INPUT_NAME} (B, T) int32 + {', '.join(info.state_inputs)} and outputs "
-            f"{LOGITS_NAME} (B, T, V={info.vocab_size}) + {', '.join(info.state_outputs)}; {HOW_TO_EXPORT}"
+            f"{path} does not match the textgen model contract: {'; '.join(sorted(problems))}. "
+            f"Expected inputs {INPUT_NAME} (B, T) int32 + {', '.join(info.state_inputs)} + {NOISE_NAME} "
+            f"(B, K, V={v}) float32, temperature (B,) float32, top_k (B,) int64, top_p (B,) float32 and outputs "
+            f"{LOGITS_NAME} (B, T, V={v}) + {', '.join(info.state_outputs)} + {SAMPLED_NAME} (B, K) int32; "
+            f"{HOW_TO_EXPORT}"
         )

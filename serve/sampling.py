@@ -1,13 +1,27 @@
-"""Choosing the next character: composable logit processors, then one vectorised draw per row.
+"""Choosing the next character: the sampling rule of the exported graph, in numpy, and its noise.
 
-Every processor is a pure function of logits (B, V) -> (B, V), applied in the order
-temperature -> top-k -> top-p (as HF transformers' ``logits_process.py`` and keras-hub's samplers).
-Masked characters get -inf. The draw is an inverse CDF: softmax, ``cumsum`` along V, and one
-uniform number per row from that row's own ``numpy.random.Generator`` (so a seed fixes the text,
-and the rows of a batch do not depend on each other). Temperature 0 is greedy: argmax, no RNG.
+The ONNX file samples inside its generation loop (``export/generation.py``); this module states the
+same rule for tests, for fake models and for anyone reading, and makes the noise the graph is fed:
 
-    sampler = Sampler(temperature=0.8, top_p=0.95)
-    ids = sampler(logits, uniforms)   # (B, V), (B,) in [0, 1) -> (B,) int32
+1. Temperature: logits (B, V) times 1 / temperature (float32). Temperature 0 is greedy: the graph
+   divides by ``GREEDY_TEMPERATURE`` and is fed no noise, so it takes the argmax.
+2. Filters, both judging the temperature-scaled distribution: top-k keeps the k largest logits,
+   top-p the most probable characters while the probability of the better ones is below p (the
+   first always). A character must pass both; ties with the smallest kept logit are kept. Masked
+   characters get -inf. (This is the graph's rule: cheaper there than renormalising after top-k,
+   so top-p here is not applied to the top-k distribution as HF transformers does.)
+3. Gumbel-max: id = argmax(filtered + noise), with standard Gumbel noise (B, V), draws from
+   softmax(filtered) exactly.
+
+Noise: every row has its own ``numpy.random.Generator``; a call of K steps takes
+``rng.gumbel(size=(K, V))`` from it, in order. ``Generator.gumbel`` draws one number per value, so
+a row's j-th character always gets the j-th block of V numbers of its stream, whatever the chunk
+sizes and whatever else shares the batch: a seed fixes the text. Greedy rows get zeros and draw
+nothing.
+
+    sampler = Sampler(temperature=0.8, top_p=0.95)    # checks the values, says what is wrong
+    ids = sampler(logits, noise)                      # (B, V), (B, V) Gumbel -> (B,) int32
+    ids = sample_rows(logits, noise, t, k, p)         # per-row settings, (B,) each
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import numpy as np
 from serve.text import GeneratorError
 
 LogitsProcessor = Callable[[np.ndarray], np.ndarray]  # (B, V) -> (B, V)
+GREEDY_TEMPERATURE = 1e-6  # the graph divides by max(temperature, this): temperature 0 is argmax
 
 
 class SamplingError(GeneratorError):
@@ -45,9 +60,35 @@ def _integer(name: str, value: object) -> int:
         raise SamplingError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
 
 
+def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
+    """The graph's sampling rule, per row: logits (B, V), Gumbel noise (B, V), temperature (B,)
+    (<= 0: greedy), top_k (B,) (<= 0: off), top_p (B,) (>= 1: off) -> (B,) int32 ids.
+
+    A copy of ``export.generation.sample_reference`` (serve/ does not import the exporter); every
+    step is float32 as in the graph."""
+    logits = np.asarray(logits, np.float32)
+    t = np.maximum(np.asarray(temperature, np.float32), np.float32(GREEDY_TEMPERATURE))
+    scaled = logits * (np.float32(1) / t)[:, None]
+    srt = -np.sort(-scaled, axis=1)
+    p = np.exp(srt - srt[:, :1])
+    p /= p.sum(axis=1, keepdims=True)
+    k = np.asarray(top_k)[:, None]
+    top_p = np.asarray(top_p, np.float32)[:, None]
+    ranks = np.arange(logits.shape[1])[None]
+    excl = np.concatenate([np.zeros_like(p[:, :1]), np.cumsum(p, axis=1)[:, :-1]], axis=1)  # exclusive, in order
+    keep = ((ranks < k) | (k <= 0)) & ((excl < top_p) | (top_p >= 1))
+    cut = np.where(keep, srt, np.inf).min(axis=1, keepdims=True)
+    filtered = np.where(scaled >= cut, scaled, -np.inf)
+    return np.argmax(filtered + np.asarray(noise, np.float32), axis=1).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same rule as composable processors (HF transformers' logits_process.py style)
+
+
 class Temperature:
-    """Divide the logits by ``temperature`` > 0: below 1 sharpens, above 1 flattens. The row maximum
-    is subtracted first (softmax does not change) so that tiny temperatures cannot overflow."""
+    """Multiply the logits by 1 / ``temperature`` (> 0; float32, as the graph): below 1 sharpens,
+    above 1 flattens."""
 
     def __init__(self, temperature: float) -> None:
         t = _real("temperature", temperature)
@@ -59,8 +100,8 @@ class Temperature:
         self.temperature = t
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        return shifted if self.temperature == 1.0 else shifted / np.float32(self.temperature)
+        t = max(np.float32(self.temperature), np.float32(GREEDY_TEMPERATURE))
+        return np.asarray(logits, np.float32) * (np.float32(1) / t)
 
 
 class TopK:
@@ -81,9 +122,9 @@ class TopK:
 
 
 class TopP:
-    """Nucleus: keep the most probable characters whose probabilities sum to at least ``p``
-    (always at least one; ties with the least probable kept character are kept too; ``p`` = 1
-    keeps everything)."""
+    """Nucleus: keep the most probable characters while the probability of the better ones is
+    below ``p`` (the first always; ties with the least probable kept character too; ``p`` = 1 keeps
+    everything). Probabilities are the float32 softmax of the logits it is given."""
 
     def __init__(self, p: float) -> None:
         p = _real("top_p", p)
@@ -94,13 +135,14 @@ class TopP:
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         if self.p >= 1.0:
             return logits
-        desc = np.sort(logits, axis=-1)[:, ::-1]  # (B, V), most probable first
-        e = np.exp(desc - desc[:, :1])
-        cum = np.cumsum(e, axis=-1, dtype=np.float64)
-        # A character is kept while the mass of the better ones is below p (the first always is).
-        n_keep = ((cum - e) < self.p * cum[:, -1:]).sum(axis=-1)  # (B,) >= 1
-        threshold = desc[np.arange(len(desc)), n_keep - 1][:, None]  # (B, 1)
-        return np.where(logits < threshold, -np.inf, logits).astype(logits.dtype, copy=False)
+        x = np.asarray(logits, np.float32)
+        srt = -np.sort(-x, axis=-1)  # (B, V), most probable first
+        e = np.exp(srt - srt[:, :1])
+        e /= e.sum(axis=-1, keepdims=True)
+        excl = np.concatenate([np.zeros_like(e[:, :1]), np.cumsum(e, axis=-1)[:, :-1]], axis=-1)
+        n_keep = (excl < np.float32(self.p)).sum(axis=-1)  # (B,) >= 1: excl is non-decreasing
+        threshold = srt[np.arange(len(srt)), n_keep - 1][:, None]  # (B, 1)
+        return np.where(x < threshold, -np.inf, x).astype(x.dtype, copy=False)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,29 +150,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def greedy(logits: np.ndarray) -> np.ndarray:
-    """(B, V) -> (B,) int32: the most likely character of each row (the first one on ties)."""
-    return logits.argmax(axis=-1).astype(np.int32)
-
-
-def draw(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """Inverse-CDF sampling: (B, V) logits, (B,) uniforms in [0, 1) -> (B,) int32 ids.
-
-    Row b takes the first character whose cumulative (unnormalised) probability exceeds
-    ``uniforms[b]`` times the row total, so a character with probability 0 is never drawn."""
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))  # -inf -> 0
-    cdf = np.cumsum(e, axis=-1, dtype=np.float64)  # (B, V)
-    target = uniforms * cdf[:, -1]  # (B,)
-    ids = (cdf <= target[:, None]).sum(axis=-1)
-    # u * total can round up to total (u within 2**-53 of 1); stay inside the vocabulary.
-    return np.minimum(ids, logits.shape[-1] - 1).astype(np.int32)
-
-
 class Sampler:
-    """temperature -> top-k -> top-p, then a draw; ``temperature=0`` is greedy (argmax).
+    """One request's sampling settings, checked: temperature (0 = greedy), top-k (0 = off), top-p
+    (1 = off). Bad values raise ``SamplingError`` (a ``GeneratorError``) saying which argument and
+    what range it accepts.
 
-    ``top_k=0`` and ``top_p=1`` switch those processors off. Bad values raise ``SamplingError``
-    (a ``GeneratorError``) saying which argument and what range it accepts."""
+    ``process`` is temperature, then top-k and top-p side by side (see the module docstring);
+    ``sampler(logits, noise)`` adds the Gumbel noise and takes the argmax, exactly as the graph."""
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
         t = _real("temperature", temperature)
@@ -143,97 +169,66 @@ class Sampler:
         if not 0.0 < p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {p}")
         self.temperature, self.top_k, self.top_p = t, k, p
-        self.processors: list[LogitsProcessor] = []
-        if t > 0:
-            if t != 1.0:
-                self.processors.append(Temperature(t))
-            if k > 0:
-                self.processors.append(TopK(k))
-            if p < 1.0:
-                self.processors.append(TopP(p))
+        self.scale = Temperature(max(t, GREEDY_TEMPERATURE))
+        self.filters: list[LogitsProcessor] = []
+        if k > 0:
+            self.filters.append(TopK(k))
+        if p < 1.0:
+            self.filters.append(TopP(p))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def process(self, logits: np.ndarray) -> np.ndarray:
-        for processor in self.processors:
-            logits = processor(logits)
-        return logits
+        """(B, V) logits -> (B, V) scaled logits, -inf where a filter drops the character."""
+        scaled = self.scale(logits)
+        out = scaled
+        for f in self.filters:  # each judges the scaled logits; a character must pass all
+            out = np.minimum(out, f(scaled))
+        return out
 
-    def __call__(self, logits: np.ndarray, uniforms: np.ndarray | None = None) -> np.ndarray:
-        """(B, V) logits and (B,) uniforms in [0, 1) -> (B,) int32 ids (uniforms unused if greedy)."""
-        if self.greedy:
-            return greedy(logits)
-        if uniforms is None:
-            raise SamplingError("sampling with temperature > 0 needs one uniform number per row")
-        return draw(self.process(logits), uniforms)
+    def __call__(self, logits: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """(B, V) logits and (B, V) standard Gumbel noise -> (B,) int32 ids (greedy: no noise)."""
+        if noise is None:
+            if not self.greedy:
+                raise SamplingError("sampling with temperature > 0 needs Gumbel noise, one (V,) row per row of logits")
+            noise = np.zeros_like(logits, np.float32)
+        return np.argmax(self.process(logits) + np.asarray(noise, np.float32), axis=-1).astype(np.int32)
 
     def __repr__(self) -> str:
         return f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
 
 
-class RowUniforms:
-    """One ``numpy.random.Generator`` per row, drawn in blocks: ``next()`` gives (B,) uniforms.
+class RowNoise:
+    """The graph's ``sample_noise`` for a batch: one ``numpy.random.Generator`` per row (None: a
+    greedy row, zeros). ``take(K)`` -> (B, K, V) float32, each row's next K x V standard Gumbel
+    numbers; rows may leave (``keep``) and join (``extend``) between calls without changing what
+    any other row gets."""
 
-    ``Generator.random(n)`` yields the same numbers as n calls of ``random()``, so a row's sequence
-    does not depend on the block size, on the other rows, or on rows leaving the batch (``keep``)."""
-
-    def __init__(self, rngs: Sequence[np.random.Generator], block: int = 256) -> None:
+    def __init__(self, rngs: Sequence[np.random.Generator | None], vocab_size: int) -> None:
         self.rngs = list(rngs)
-        self.block = block
-        self._buf = np.empty((len(self.rngs), 0))
-        self._pos = 0
+        self.vocab_size = vocab_size
 
-    def next(self) -> np.ndarray:
-        if self._pos == self._buf.shape[1]:
-            self._buf = np.stack([rng.random(self.block) for rng in self.rngs])  # (B, block)
-            self._pos = 0
-        u = self._buf[:, self._pos]
-        self._pos += 1
-        return u
+    def __len__(self) -> int:
+        return len(self.rngs)
 
-    def keep(self, rows: np.ndarray) -> None:
+    def take(self, steps: int) -> np.ndarray:
+        noise = np.zeros((len(self.rngs), steps, self.vocab_size), np.float32)
+        if steps:
+            for i, rng in enumerate(self.rngs):
+                if rng is not None:
+                    noise[i] = rng.gumbel(size=(steps, self.vocab_size))
+        return noise
+
+    def keep(self, rows: Sequence[int] | np.ndarray) -> None:
         """Drop every row not in ``rows`` (indices into the current rows, in order)."""
         self.rngs = [self.rngs[i] for i in rows]
-        self._buf = self._buf[rows]
+
+    def extend(self, rngs: Sequence[np.random.Generator | None]) -> None:
+        self.rngs += list(rngs)
 
 
-def sample_rows(
-    logits: np.ndarray,
-    uniforms: np.ndarray,
-    temperature: np.ndarray,
-    top_k: np.ndarray,
-    top_p: np.ndarray,
-) -> np.ndarray:
-    """``Sampler`` with its own parameters for every row, in one vectorised pass (for a batch of
-    requests that share model calls, see ``serve/engine.py``).
-
-    logits (B, V), uniforms (B,) in [0, 1), temperature (B,), top_k (B,), top_p (B,) -> (B,) int32.
-    Row b gets exactly ``Sampler(temperature[b], top_k[b], top_p[b])(logits[b:b+1], uniforms[b:b+1])``,
-    bit for bit: a processor that ``Sampler`` would skip for a row (temperature 1, top_k 0 or >= V,
-    top_p 1) leaves that row untouched here too, and greedy rows (temperature 0) take the argmax of
-    the raw logits and ignore their uniform. Parameters are not checked: build a ``Sampler`` per
-    request first, which rejects bad values."""
-    b, v = logits.shape
-    greedy_rows = temperature == 0
-    scale = np.where((temperature == 1) | greedy_rows, 1.0, temperature).astype(np.float32)[:, None]
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    x = np.where(scale == 1, logits, shifted / scale)  # (B, V) Temperature where Sampler applies it
-    rows = np.arange(b)
-    cut_k = (top_k > 0) & (top_k < v) & ~greedy_rows
-    if cut_k.any():
-        kth = np.sort(x, axis=-1)[rows, v - np.where(cut_k, top_k, 1)]  # (B,) the k-th largest
-        x = np.where(cut_k[:, None] & (x < kth[:, None]), -np.inf, x)
-    cut_p = (top_p < 1.0) & ~greedy_rows
-    if cut_p.any():
-        desc = np.sort(x, axis=-1)[:, ::-1]
-        e = np.exp(desc - desc[:, :1])
-        cum = np.cumsum(e, axis=-1, dtype=np.float64)
-        n_keep = ((cum - e) < top_p.astype(np.float64)[:, None] * cum[:, -1:]).sum(axis=-1)  # (B,)
-        threshold = desc[rows, n_keep - 1]
-        x = np.where(cut_p[:, None] & (x < threshold[:, None]), -np.inf, x)
-    ids = draw(x, uniforms)
-    if greedy_rows.any():
-        ids = np.where(greedy_rows, greedy(logits), ids)
-    return ids
+def row_rngs(seeds: Sequence[int | None], greedy: bool) -> list[np.random.Generator | None]:
+    """One generator per row (None for every row when greedy: greedy rows draw nothing)."""
+    return [None if greedy else np.random.default_rng(s) for s in seeds]

@@ -126,6 +126,17 @@ class StopStrings:
     def __bool__(self) -> bool:
         return bool(self.stops)
 
+    def find_first(self, text: str) -> tuple[int, int] | None:
+        """(end, length) of the first place where ``text[:end]`` ends with a stop string (there,
+        the first one in the list, as ``StopStream``), or None. For the generated text a chunk
+        at a time: pass the new characters after the last ``longest - 1`` old ones."""
+        best = None
+        for s in self.stops:
+            i = text.find(s)
+            if i >= 0 and (best is None or i + len(s) < best[0]):
+                best = (i + len(s), len(s))
+        return best
+
     def stream(self) -> StopStream:
         return StopStream(self)
 

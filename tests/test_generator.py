@@ -28,19 +28,14 @@ def gen(small_onnx) -> Generator:
 
 
 class CountingSession:
-    """Wraps an InferenceSession and counts model calls (``run``: prompt; io_binding: steps)."""
+    """Wraps an InferenceSession and records its calls: (char_ids shape, K) each."""
 
     def __init__(self, session):
-        self._session, self.runs, self.steps, self.shapes = session, 0, 0, []
+        self._session, self.calls = session, []
 
     def run(self, names, feed):
-        self.runs += 1
-        self.shapes.append(feed["char_ids"].shape)
+        self.calls.append((feed["char_ids"].shape, feed["sample_noise"].shape[1]))
         return self._session.run(names, feed)
-
-    def run_with_iobinding(self, binding):
-        self.steps += 1
-        return self._session.run_with_iobinding(binding)
 
     def __getattr__(self, name):
         return getattr(self._session, name)
@@ -91,23 +86,63 @@ def test_stream_yields_the_generated_text_one_character_at_a_time(gen):
     )
 
 
-def test_prompt_is_consumed_in_one_call_then_one_character_per_call(counted):
+def test_prompt_is_consumed_in_the_first_call_then_one_call_per_chunk(counted):
+    from serve.generator import DEFAULT_CHUNK, FIRST_CHUNK
+
     prompt = "alice was beginning to get very tired of sitting by her sister"
-    counted.generate(prompt, max_chars=10, seed=1)
-    session = counted.model.session
-    assert (session.runs, session.steps, session.shapes) == (1, 9, [(1, len(prompt))])
+    n = FIRST_CHUNK + 2 * DEFAULT_CHUNK + 5
+    assert len(counted.generate(prompt, max_chars=n, seed=1)) == n
+    assert counted.model.session.calls == [((1, len(prompt)), FIRST_CHUNK), ((1, 1), DEFAULT_CHUNK),
+                                           ((1, 1), DEFAULT_CHUNK), ((1, 1), 5)]  # max_chars exactly
+    counted.model.session.calls.clear()
+    assert counted.generate("a", max_chars=3, seed=1) and counted.model.session.calls == [((1, 1), 3)]
 
 
 def test_one_prompt_call_equals_feeding_the_prompt_char_by_char(gen):
     model = gen.model
     ids = model.vocabulary.encode("alice was beginning to get very tired")
-    logits, state = model.prefill([ids])  # (1, V): one call
-    stepper = model.stepper(model.zero_state(1))
+    logits, state = model.run(ids[None])  # (1, T, V): one call
+    by_char = model.zero_state(1)
     for i in ids:
-        by_char = stepper.step(np.array([i], np.int32))
-    np.testing.assert_allclose(logits, by_char, atol=1e-5)
-    for a, b in zip(state, stepper.state):
+        step_logits, by_char = model.run(np.array([[i]], np.int32), by_char)
+    np.testing.assert_allclose(logits[:, -1], step_logits[:, 0], atol=1e-5)
+    for a, b in zip(state, by_char):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    prefilled = model.prefill([ids, ids[:0], ids])  # the empty prompt keeps the zero state
+    for a, b in zip(state, prefilled):
+        np.testing.assert_array_equal(b[[0, 2]], np.repeat(a, 2, axis=0))
+        assert not b[1].any()
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=3), dict(seed=4, temperature=1.2, top_k=9, top_p=0.9),
+                                    dict(temperature=0), dict(seed=5, stop=["e ", "."])])
+def test_the_chunk_size_does_not_change_the_text(small_onnx, gen, kwargs):
+    expected = gen.generate("alice was ", max_chars=300, **kwargs)
+    for chunk in (1, 5, 64, 1000):
+        other = Generator.load(small_onnx, chunk_size=chunk)
+        assert other.generate("alice was ", max_chars=300, **kwargs) == expected, chunk
+        assert "".join(other.stream("alice was ", max_chars=300, **kwargs)) == expected, chunk
+
+
+def test_the_graph_samples_what_the_sampler_says(gen):
+    """The first sample of a call comes from the logits after its last character (K = 0 gives
+    them, from the same state): greedy is their argmax, Gumbel noise follows sampling.sample_rows.
+    (int8 loop weights may swap near-tied characters: all but a few agree; exact equality with
+    fp32 loop weights is in tests/test_export.py.)"""
+    from serve.sampling import sample_rows
+
+    model = gen.model
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.info.vocab_size, size=(256, 12)).astype(np.int32)
+    logits, _ = model.run(ids)
+    t = rng.choice([0.0, 0.5, 1.0, 1.5], size=256).astype(np.float32)
+    k = rng.choice([0, 1, 5, 20], size=256)
+    p = rng.choice([1.0, 0.95, 0.5], size=256).astype(np.float32)
+    noise = rng.gumbel(size=(256, 1, model.info.vocab_size)).astype(np.float32) * (t > 0)[:, None, None]
+    sampled, state = model.chunk(ids, model.zero_state(256), noise, model.settings(256, t, k, p))
+    expected = sample_rows(logits[:, -1], noise[:, 0], t, k, p)
+    assert sampled.shape == (256, 1) and sampled.dtype == np.int32
+    assert np.mean(sampled[:, 0] == expected) > 0.95
 
 
 def test_batch_rows_equal_single_generations_with_derived_seeds(gen):
@@ -123,11 +158,13 @@ def test_batch_rows_equal_single_generations_with_derived_seeds(gen):
 
 
 def test_batch_of_n_samples_of_one_prompt(counted):
-    texts = counted.generate_batch(8, prompt="alice ", max_chars=50, seed=3)
-    assert len(texts) == 8 and len(set(texts)) == 8 and all(len(t) == 50 for t in texts)
-    session = counted.model.session
-    assert (session.runs, session.shapes) == (1, [(1, 6)])  # the prompt ran once for all rows
-    assert session.steps == 49  # one batched call per step
+    from serve.generator import DEFAULT_CHUNK, FIRST_CHUNK
+
+    n = FIRST_CHUNK + DEFAULT_CHUNK + 10
+    texts = counted.generate_batch(8, prompt="alice ", max_chars=n, seed=3)
+    assert len(texts) == 8 and len(set(texts)) == 8 and all(len(t) == n for t in texts)
+    # The prompt but its last character ran once for all rows, then one batched call per chunk.
+    assert counted.model.session.calls == [((1, 5), 0), ((8, 1), FIRST_CHUNK), ((8, 1), DEFAULT_CHUNK), ((8, 1), 10)]
     greedy = counted.generate_batch(3, prompt="alice", max_chars=30, temperature=0)
     assert greedy == [counted.generate("alice", max_chars=30, temperature=0)] * 3
 
@@ -145,6 +182,18 @@ def _cut_at_first_stop(full: str, stops: list[str]) -> str:
             if full[:n].endswith(s):
                 return full[: n - len(s)]
     return full
+
+
+def test_a_stop_string_made_by_the_last_allowed_character_is_removed_too(gen):
+    """generate, stream and generate_batch agree when the max_chars-th character completes a stop
+    string: it is removed (generate_batch used to keep it)."""
+    full = gen.generate("alice ", max_chars=400, seed=2)
+    n = next(n for n in range(50, 400) if full[n - 2 : n] not in full[: n - 1])  # a first occurrence
+    stop = full[n - 2 : n]
+    kwargs = dict(max_chars=n, seed=2, stop=[stop])
+    assert gen.generate("alice ", **kwargs) == full[: n - 2]
+    assert "".join(gen.stream("alice ", **kwargs)) == full[: n - 2]
+    assert gen.generate_batch(["alice ", "alice "], **{**kwargs, "seed": [2, 2]}) == [full[: n - 2]] * 2
 
 
 def test_stop_string_ends_generation_and_is_not_included(gen):
@@ -261,6 +310,8 @@ def test_caps_are_configurable(small_onnx):
         g.generate("alice ", max_chars=1)
     with pytest.raises(GeneratorError, match="num_threads must be an integer >= 0"):
         Generator.load(small_onnx, num_threads=-1)
+    with pytest.raises(GeneratorError, match="chunk_size must be at least 1"):
+        Generator.load(small_onnx, chunk_size=0)
 
 
 def test_session_options_can_be_given(small_onnx, gen):
@@ -270,6 +321,8 @@ def test_session_options_can_be_given(small_onnx, gen):
     g = Generator.load(small_onnx, session_options=options, num_threads=2)
     assert options.intra_op_num_threads == 2
     assert g.generate("alice", max_chars=40, seed=8) == gen.generate("alice", max_chars=40, seed=8)
+    kwargs = dict(max_chars=300, seed=8, top_p=0.9)  # threads split the batch: rows stay the same
+    assert g.generate_batch(["alice", "the", ""] * 8, **kwargs) == gen.generate_batch(["alice", "the", ""] * 8, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +362,13 @@ def _with_metadata(src: Path, dst: Path, **changes: str | None) -> Path:
         proto.metadata_props.add(key=k, value=v)
     onnx.save(proto, str(dst))
     return dst
+
+
+def test_a_model_from_an_older_textgen_is_refused_with_what_to_do(tmp_path, small_onnx):
+    path = _with_metadata(small_onnx, tmp_path / "old.onnx", generation=None)
+    with pytest.raises(ModelFileError, match=r"this model was exported by an older textgen; re-export it with "
+                                             r"`textgen export`"):
+        Generator.load(path)
 
 
 def test_onnx_without_textgen_metadata(tmp_path, small_onnx):
@@ -356,9 +416,10 @@ def test_onnx_with_the_wrong_inputs_and_outputs(tmp_path, small_onnx):
     with pytest.raises(ModelFileError) as info:
         OnnxModel.load(tmp_path / "wrong.onnx")
     message = str(info.value)
-    assert "does not match the textgen step-model contract" in message
+    assert "does not match the textgen model contract" in message
     assert "input 'char_ids' is tensor(float)" in message and "expected tensor(int32) (?, ?)" in message
     assert "missing input 'c_0'" in message and "missing output 'c_0_out'" in message
+    assert "missing input 'sample_noise'" in message and "missing output 'sampled_ids'" in message
 
 
 # ---------------------------------------------------------------------------------------------

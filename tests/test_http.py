@@ -1,7 +1,7 @@
 """The HTTP service against real servers: ``textgen serve`` subprocesses on 127.0.0.1 (a free port,
 read from uvicorn's log), driven with httpx; the small model trained once per session
 (``small_onnx``). Also the batching engine in-process (its rows equal ``Generator.generate``
-with mixed per-row parameters), its per-row sampler, and the service's settings.
+with mixed per-row parameters, arrivals and chunk sizes) and the service's settings.
 """
 
 from __future__ import annotations
@@ -447,10 +447,16 @@ def test_serve_refuses_a_bad_model_or_setting(tmp_path):
 # The engine in-process, the per-row sampler, the settings
 
 
-def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen):
-    """Requests with different parameters, a long prompt (consumed in chunks) and greedy rows run
-    concurrently; every row is exactly its ``Generator.generate``."""
+@pytest.mark.parametrize("chunk_size, stagger_s", [(16, 0.0), (3, 0.002), (40, 0.001)])
+def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen, chunk_size, stagger_s):
+    """Requests with different parameters, a long prompt (consumed in chunks), one-character
+    prompts, greedy rows and a stop string made by the last allowed character run concurrently,
+    arriving together or one after another, with several chunk sizes; every row is exactly its
+    ``Generator.generate``."""
     from serve.engine import PREFILL_CHUNK, Delta, End, Engine, Finish, ServeSettings
+
+    full = gen.generate("the ", max_chars=200, seed=12)
+    n = next(n for n in range(40, 200) if full[n - 2 : n] not in full[: n - 1])
 
     long_prompt = ("alice was beginning to get very tired of sitting by her sister on the bank, " * 6)[:PREFILL_CHUNK * 3 + 5]
     cases = [
@@ -461,9 +467,12 @@ def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen):
         ("alice", dict(max_chars=120, seed=7, n=3, temperature=0.9, top_k=20, stop=[".", "!"]), False),
         (long_prompt, dict(max_chars=150, seed=9, temperature=1.3, top_p=0.5), True),
         ("she ", dict(max_chars=5, seed=10, stop="e"), True),
+        ("a", dict(max_chars=70, seed=11, n=2), True),
+        ("the ", dict(max_chars=n, seed=12, stop=[full[n - 2 : n]]), False),
     ]
 
-    async def run(engine, prompt, kwargs, streaming):
+    async def run(engine, i, prompt, kwargs, streaming):
+        await asyncio.sleep(i * stagger_s)
         request = engine.prepare(prompt, stream=streaming, **kwargs)
         ticket = engine.submit(request)
         texts, reasons = [""] * request.n, [None] * request.n
@@ -480,9 +489,9 @@ def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen):
                 return request, texts, reasons
 
     async def main():
-        engine = Engine(gen, ServeSettings(stream_interval_ms=1)).start()
+        engine = Engine(gen, ServeSettings(stream_interval_ms=1, chunk_size=chunk_size)).start()
         try:
-            return await asyncio.gather(*(run(engine, *case) for case in cases)), engine.stats()
+            return await asyncio.gather(*(run(engine, i, *case) for i, case in enumerate(cases))), engine.stats()
         finally:
             engine.close()
 
@@ -495,6 +504,7 @@ def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen):
             assert text == expected, (prompt[:20], kwargs, i)
             assert reasons[i] == ("length" if len(expected) == kwargs["max_chars"] else "stop")
     assert final["rows_in_flight"] == 0 and final["requests_completed"] == len(cases)
+    assert results[-1][1] == [full[: n - 2]]  # the stop string is removed
 
 
 def test_an_engine_failure_ends_its_requests_and_refuses_new_ones(gen):
@@ -504,12 +514,12 @@ def test_an_engine_failure_ends_its_requests_and_refuses_new_ones(gen):
         def __getattr__(self, name):
             return getattr(gen.model, name)
 
-        def stepper(self, state):
+        def chunk(self, *args):
             raise RuntimeError("boom")
 
     async def main():
         engine = Engine(gen).start()
-        engine._batch.model = BrokenModel()  # fails when the first request joins the batch
+        engine._batch.model = BrokenModel()  # fails at the first chunk call
         try:
             ticket = engine.submit(engine.prepare("alice", max_chars=10, seed=1))
             event = await asyncio.wait_for(ticket.next(), 10)
@@ -522,23 +532,6 @@ def test_an_engine_failure_ends_its_requests_and_refuses_new_ones(gen):
             engine.close()
 
     asyncio.run(main())
-
-
-def test_sample_rows_equals_a_sampler_per_row():
-    from serve.sampling import Sampler, sample_rows
-
-    rng = np.random.default_rng(0)
-    for trial in range(200):
-        b, v = int(rng.integers(1, 40)), 45
-        logits = (rng.normal(size=(b, v)) * rng.uniform(0.1, 8)).astype(np.float32)
-        if trial % 3 == 0:
-            logits[:, :5] = logits[:, :1]  # ties
-        t = rng.choice([0, 0.5, 1.0, 0.8, 1.7, 1e-3], size=b)
-        k = rng.choice([0, 1, 3, 10, 44, 45, 100], size=b)
-        p = rng.choice([1.0, 0.9, 0.5, 0.01], size=b)
-        u = rng.random(b)
-        expected = [Sampler(t[i], int(k[i]), p[i])(logits[i : i + 1], u[i : i + 1])[0] for i in range(b)]
-        np.testing.assert_array_equal(sample_rows(logits, u, t, k, p), expected)
 
 
 def test_settings_from_flags_env_and_defaults():

@@ -94,6 +94,16 @@ def check_args(args: argparse.Namespace) -> None:
             ) from None
 
 
+def scaling_config(args: argparse.Namespace):
+    """Workers and what each one reserves: CPUs, and with --use-gpu its GPUs (MWMS mirrors over them)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": args.cpus_per_worker}
+    if args.use_gpu:
+        resources["GPU"] = args.gpus_per_worker or 1
+    return ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources)
+
+
 def loop_config(args: argparse.Namespace) -> dict[str, Any]:
     """What every worker needs, as plain JSON-able values (absolute paths: workers chdir)."""
     model_cfg, train_cfg = cli.configs_from_args(args)
@@ -174,7 +184,7 @@ def checkpoint_uri(checkpoint) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     args.name = args.name or args.preset
@@ -186,15 +196,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:  # the embedded default: a local Ray in this process, as big as the machine
             ray.init(include_dashboard=False)
 
-    resources = {"CPU": args.cpus_per_worker}
-    if args.use_gpu:
-        resources["GPU"] = args.gpus_per_worker or 1
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(args),
-        scaling_config=ScalingConfig(
-            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(args),
         run_config=RunConfig(
             name=args.name,
             storage_path=storage,

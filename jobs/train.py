@@ -126,9 +126,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from textgen import checkpoint as ckptlib
     from textgen.train import fit, prepare_data
 
-    # One TensorFlow thread pool per worker, the size of its CPU share (not of the whole machine).
+    # Kernels use the worker's CPU share, not the whole machine; the inter-op pool keeps its
+    # default (a 1-thread inter-op pool measured no faster in a 2-worker job, and slower in one
+    # process, where the LSTM's loops and the collectives need it).
     tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(config["threads"])
+    tf.get_logger().setLevel("WARNING")  # not MultiWorkerMirroredStrategy's per-trace INFO lines
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -144,8 +146,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume_from = ckptlib.load_checkpoint(restored.to_directory(local_copy.name))
 
     def log(msg: str) -> None:
+        # Not print(): Ray Train patches it to go to both stdout and the root logger (twice on screen).
         if rank == 0:
-            print(msg, flush=True)
+            sys.stdout.write(msg + "\n")
+            sys.stdout.flush()
 
     fit(
         model_cfg, train_cfg, data, RaySink(rank),
@@ -194,7 +198,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if address:
             ray.init(address=address)
         else:  # the embedded default: a local Ray in this process, as big as the machine
-            ray.init(include_dashboard=False)
+            # The dashboard (loopback only) serves the State API that Ray Train's placement-group
+            # cleaner polls every second; without it that actor logs a warning every second.
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,

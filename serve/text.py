@@ -180,23 +180,25 @@ class StopStream:
 # Corpus files (for ``textgen eval``)
 
 
-def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files and directories (every ``*.txt`` below, sorted) -> the list of files, in order."""
+def corpus_files(paths: Sequence[str | Path], error: type[Exception] = GeneratorError) -> list[Path]:
+    """Files and directories (every ``*.txt`` below, sorted) -> the list of files, in order.
+
+    Shared with training (``textgen.corpus``), which passes its own ``error`` class."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*.txt") if f.is_file())
             if not found:
-                raise GeneratorError(f"corpus directory {p} has no *.txt files")
+                raise error(f"corpus directory {p} has no *.txt files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         elif p.exists():
-            raise GeneratorError(f"corpus path {p} is neither a file nor a directory")
+            raise error(f"corpus path {p} is neither a file nor a directory")
         else:
-            raise GeneratorError(f"corpus path {p} does not exist")
+            raise error(f"corpus path {p} does not exist")
     if not files:
-        raise GeneratorError("no corpus given; pass one or more text files or directories")
+        raise error("no corpus given; pass one or more text files or directories")
     return files
 
 

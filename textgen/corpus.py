@@ -6,14 +6,15 @@ For the bundled corpus (Alice's Adventures in Wonderland, public domain): 144,43
 
 from __future__ import annotations
 
-from textgen.errors import TextgenError
-
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from serve.text import corpus_files as _corpus_files
+from textgen.errors import TextgenError
 
 BUNDLED_CORPUS = "alice_in_wonderland.txt"
 
@@ -34,20 +35,7 @@ def bundled_corpus_path() -> Path:
 
 def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     """Expand files and directories (every *.txt below a directory, sorted) into a list of files."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*.txt") if f.is_file())
-            if not found:
-                raise CorpusError(f"corpus directory {p} has no *.txt files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():
-            raise CorpusError(f"corpus path {p} is neither a file nor a directory")
-        else:
-            raise CorpusError(f"corpus path {p} does not exist")
-    return files
+    return _corpus_files(paths, CorpusError)
 
 
 def read_text(path: Path) -> str:

@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
+	@echo "== training the default model for $(MINUTES) minutes on the bundled corpus (2 Ray workers)."
+	@echo "== train longer with: make run MINUTES=30   (running again continues this run: $(RUNS)/$(NAME))"
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m jobs.train --preset default --max-minutes $(MINUTES) \
 		--num-workers 2 --storage-path $(RUNS) --name $(NAME)
 	$(BIN)/textgen export $(RUNS)/$(NAME) --out $(RUNS)/$(NAME).onnx
 	$(BIN)/textgen generate $(RUNS)/$(NAME).onnx --prompt "alice was beginning" --max-chars 600 \
 		--temperature 0.8 --seed 0
+	@echo; echo "== model: $(RUNS)/$(NAME).onnx  (short runs give rough text: make run MINUTES=30 trains it on)"
+	@echo "== try: $(BIN)/textgen generate $(RUNS)/$(NAME).onnx --prompt 'the queen ' --temperature 0.7"
+	@echo "==      $(BIN)/textgen serve $(RUNS)/$(NAME).onnx"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

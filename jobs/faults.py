@@ -1,6 +1,8 @@
-"""Test-only fault injection: kill one worker once, mid-run, to exercise Ray's recovery.
+"""Test-only fault injection, to exercise Ray's recovery and the workers' error messages.
 
     TEXTGEN_FAULT_KILL_RANK=1@epoch=2   rank 1 kills itself (SIGKILL) as epoch 2 starts
+    TEXTGEN_FAULT_HIDE_CORPUS_RANK=1    rank 1 looks for the corpus where it is not, as a worker on
+                                        a node without the file would (the driver still sees it)
 
 The kill happens once per run: a marker file (``TEXTGEN_FAULT_MARKER``, default in the temp
 directory, named after the run) records it, so the restarted worker group trains on.
@@ -16,6 +18,15 @@ from pathlib import Path
 
 ENV = "TEXTGEN_FAULT_KILL_RANK"
 MARKER_ENV = "TEXTGEN_FAULT_MARKER"
+HIDE_CORPUS_ENV = "TEXTGEN_FAULT_HIDE_CORPUS_RANK"
+
+
+def corpus_seen_by(rank: int, corpus: list[str] | None) -> list[str] | None:
+    """The corpus paths as this rank sees them: missing ones for the rank named in the env var."""
+    hidden = os.environ.get(HIDE_CORPUS_ENV, "").strip()
+    if not hidden or int(hidden) != rank or not corpus:
+        return corpus
+    return [str(Path(p).with_name(Path(p).name + ".not-on-this-node")) for p in corpus]
 
 
 def parse(spec: str) -> tuple[int, int]:

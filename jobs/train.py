@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
-    from jobs.faults import maybe_inject_fault
+    from jobs.faults import corpus_seen_by, maybe_inject_fault
     from textgen import checkpoint as ckptlib
     from textgen.train import fit, prepare_data
 
@@ -137,7 +137,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model_cfg = cfglib.model_config_from_dict(config["model"])
     train_cfg = cfglib.train_config_from_dict(config["train"])
-    data = prepare_data(config["corpus"], model_cfg, train_cfg)
+    try:
+        data = prepare_data(corpus_seen_by(rank, config["corpus"]), model_cfg, train_cfg)
+    except TextgenError as e:  # e.g. the corpus is on the driver's machine but not on this node
+        raise TextgenError(
+            f"worker rank {rank} on node {ray.util.get_node_ip_address()}: {e} (every worker reads the "
+            "corpus itself: put it on storage all nodes mount at the same path, or in the image)"
+        ) from None
 
     resume_from = None
     restored = ray.train.get_checkpoint()

@@ -97,6 +97,19 @@ def test_bad_configuration_fails_fast_with_a_message(corpus, tmp_path):
         assert time.monotonic() - start < 60  # fails before any cluster work
 
 
+def test_corpus_missing_on_a_worker_fails_with_a_message_not_a_hang(corpus, tmp_path):
+    # The driver sees the corpus; rank 1 looks for it where it is not (a node without the file).
+    start = time.monotonic()
+    args = _job_args(corpus, tmp_path / "runs", "hidden", 2, "--max-failures", "1")
+    proc = _run_job(args, env=_env(TEXTGEN_FAULT_HIDE_CORPUS_RANK="1"), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: training failed: ")]
+    assert len(said) == 1, proc.stderr[-3000:]  # Ray's own log lines may follow it
+    assert "worker rank 1 on node" in said[0] and "not-on-this-node does not exist" in said[0], said
+    assert "every worker reads the corpus itself" in said[0], said
+    assert time.monotonic() - start < 240
+
+
 def test_worker_failure_recovers_from_the_last_checkpoint(corpus, tmp_path):
     marker = tmp_path / "fault-marker"
     env = _env(TEXTGEN_FAULT_KILL_RANK="1@epoch=3", TEXTGEN_FAULT_MARKER=str(marker))

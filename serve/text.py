@@ -177,7 +177,7 @@ class StopStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# Corpus files (for ``textgen eval``)
+# Corpus files (for ``textgen eval``, and for training through ``textgen.corpus``)
 
 
 def corpus_files(paths: Sequence[str | Path], error: type[Exception] = GeneratorError) -> list[Path]:

@@ -30,7 +30,7 @@ softmax(logits / temperature) exactly, in 3 graph nodes per step instead of ~15 
 Top-k / top-p first set the logits outside the kept set to -inf: sort descending, keep rank < top_k
 and exclusive cumulative probability < top_p (the first always; top_p >= 1 keeps all), keep logits
 >= the smallest kept one. When no row of a call asks for top-k or top-p, a loop without that work
-runs instead. ``sample_reference`` below is the same rule in numpy (tests compare them).
+runs instead. ``serve.sampling.sample_rows`` is the same rule in numpy (tests compare them).
 
 The loop's LSTMs use int8 weights by default (onnxruntime's DynamicQuantizeLSTM, per-tensor, made by
 ``quantize_dynamic`` on the same LSTM ops): 0.86 MB of weights instead of 3.4 MB fit in a core's L2
@@ -48,6 +48,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from serve.sampling import GREEDY_TEMPERATURE
 
 INPUT = "char_ids"
 LOGITS = "logits"
@@ -353,7 +355,7 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     nodes += [
         # Per-row settings, (1, B, 1) and (1, B, V).
         node("Reshape", ["temperature", "gen_shape_1b1"], "gen_temp"),
-        node("Max", ["gen_temp", c("gen_tmin", np.array(1e-6, np.float32))], "gen_temp_safe"),
+        node("Max", ["gen_temp", c("gen_tmin", np.array(GREEDY_TEMPERATURE, np.float32))], "gen_temp_safe"),
         node("Reciprocal", ["gen_temp_safe"], "gen_inv_t"),
         node("Reshape", ["top_p", "gen_shape_1b1"], "gen_p_row"),
         node("Reshape", ["top_k", "gen_shape_1b1"], "gen_k_row"),
@@ -413,19 +415,3 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
 
-
-def sample_reference(logits, noise, temperature, top_k, top_p) -> np.ndarray:
-    """The graph's sampling rule in numpy: (B, V) logits and noise, (B,) settings -> (B,) ids."""
-    logits = np.asarray(logits, np.float32)
-    scaled = logits * (np.float32(1) / np.maximum(np.asarray(temperature, np.float32), np.float32(1e-6)))[:, None]
-    srt = -np.sort(-scaled, axis=1)
-    p = np.exp(srt - srt[:, :1])
-    p /= p.sum(axis=1, keepdims=True)
-    k = np.asarray(top_k)[:, None]
-    top_p = np.asarray(top_p, np.float32)[:, None]
-    ranks = np.arange(logits.shape[1])[None]
-    excl = np.concatenate([np.zeros_like(p[:, :1]), np.cumsum(p, axis=1)[:, :-1]], axis=1)  # exclusive, in order
-    keep = ((ranks < k) | (k <= 0)) & ((excl < top_p) | (top_p >= 1))
-    cut = np.where(keep, srt, np.inf).min(axis=1, keepdims=True)
-    filtered = np.where(scaled >= cut, scaled, -np.inf)
-    return np.argmax(filtered + np.asarray(noise, np.float32), axis=1)

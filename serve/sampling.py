@@ -64,7 +64,7 @@ def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
     """The graph's sampling rule, per row: logits (B, V), Gumbel noise (B, V), temperature (B,)
     (<= 0: greedy), top_k (B,) (<= 0: off), top_p (B,) (>= 1: off) -> (B,) int32 ids.
 
-    A copy of ``export.generation.sample_reference`` (serve/ does not import the exporter); every
+    The exporter builds the graph from this rule and its tests check the graph against it; every
     step is float32 as in the graph."""
     logits = np.asarray(logits, np.float32)
     t = np.maximum(np.asarray(temperature, np.float32), np.float32(GREEDY_TEMPERATURE))

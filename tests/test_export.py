@@ -1,5 +1,5 @@
 """The exporter: the ONNX file it writes (inputs, outputs, metadata, fused LSTMs), K = 0 parity with
-Keras, the sampling loop against ``sample_reference``, and the checkpoints it must refuse. Uses the
+Keras, the sampling loop against ``serve.sampling.sample_rows``, and the checkpoints it must refuse. Uses the
 small run trained once per session (``small_run``) and its int8 export (``small_onnx``); the fp32
 export is made once here (a few seconds)."""
 
@@ -158,24 +158,11 @@ def test_k0_is_the_step_model_and_matches_keras(small_onnx, fp32_export, ckpt):
 # The sampling loop
 
 
-def test_serve_copies_the_reference_sampling_rule():
-    from export.generation import sample_reference
-    from serve.sampling import sample_rows
-
-    rng = np.random.default_rng(1)
-    for _ in range(100):
-        b = int(rng.integers(1, 30))
-        logits = (rng.normal(size=(b, VOCAB_SIZE)) * rng.uniform(0.1, 10)).astype(np.float32)
-        s = random_settings(rng, b)
-        noise = rng.gumbel(size=(b, VOCAB_SIZE)).astype(np.float32)
-        np.testing.assert_array_equal(sample_rows(logits, noise, **s), sample_reference(logits, noise, **s))
-
-
 def test_fp32_loop_samples_exactly_the_reference_rule_on_the_step_logits(fp32_export):
-    """With fp32 loop weights, every sampled id equals ``sample_reference`` applied to the fp32
+    """With fp32 loop weights, every sampled id equals ``sample_rows`` applied to the fp32
     step model's logits (K = 0 calls, fed the ids one by one) with the same noise: per-row
     temperatures (greedy included), top-k and top-p, over several steps."""
-    from export.generation import sample_reference
+    from serve.sampling import sample_rows
 
     sess = session(fp32_export[0])
     rng = np.random.default_rng(2)
@@ -188,7 +175,7 @@ def test_fp32_loop_samples_exactly_the_reference_rule_on_the_step_logits(fp32_ex
         logits, ref_state, _ = call(sess, prompt)
         expected = []
         for j in range(k):
-            ids = sample_reference(logits[:, -1], noise[:, j], **s)
+            ids = sample_rows(logits[:, -1], noise[:, j], **s)
             expected.append(ids)
             if j < k - 1:  # the last id is pending: the state stops before it
                 logits, ref_state, _ = call(sess, ids[:, None], ref_state)

@@ -1,7 +1,7 @@
 """One checkpoint layout, written atomically, loaded with checks.
 
     <checkpoint>/
-      model.weights.h5      Keras weights (no pickle; h5 is read without executing code)
+      model.weights.h5      Keras weights (HDF5: read as arrays, without executing code)
       optimizer.weights.h5  Adam state, one dataset per optimizer variable (for resume)
       config.json           {"format_version", "model": ModelConfig, "train": TrainConfig}
       vocab.json            {"format_version", "chars": [...]}

@@ -628,11 +628,8 @@ class Engine:
         n = len(row.ids) - row.cut
         if not done and row.stops:
             # Hold back the longest tail that may still grow into a stop string.
-            tail = self._decode(row.ids[-(row.stops.longest - 1) :]) if row.stops.longest > 1 else ""
-            for h in range(len(tail), 0, -1):
-                if tail[-h:] in row.stops.prefixes:
-                    n -= h
-                    break
+            if row.stops.longest > 1:
+                n -= row.stops.held_tail(self._decode(row.ids[-(row.stops.longest - 1) :]))
         if n > row.sent:
             delta = Delta(row.index, self._decode(row.ids[row.sent : n]))
             out.setdefault(row.ticket.loop, []).append((row.ticket, delta))

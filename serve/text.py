@@ -137,6 +137,14 @@ class StopStrings:
                 best = (i + len(s), len(s))
         return best
 
+    def held_tail(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string: what
+        must be held back because it may still become one (0: release everything)."""
+        for k in range(min(len(text), self.longest - 1), 0, -1):
+            if text[-k:] in self.prefixes:
+                return k
+        return 0
+
     def stream(self) -> StopStream:
         return StopStream(self)
 
@@ -163,13 +171,9 @@ class StopStream:
                     self.stopped = True
                     self.held = ""
                     return held[: len(held) - len(s)]
-        # Keep the longest tail that is still a proper prefix of some stop string.
-        for k in range(min(len(held), stops.longest - 1), 0, -1):
-            if held[-k:] in stops.prefixes:
-                self.held = held[-k:]
-                return held[:-k]
-        self.held = ""
-        return held
+        k = stops.held_tail(held)
+        self.held = held[len(held) - k :]
+        return held[: len(held) - k]
 
     def flush(self) -> str:
         held, self.held = self.held, ""

@@ -19,7 +19,7 @@ one-thread figures to one core with taskset and run the two-thread batch without
   quality  2,000 chars at temperature 0.8: zlib-compressed/raw >= 0.40, corpus words >= 90%,
            longest run copied from the corpus <= 60 chars (meaningless for random weights)
   notebook the seed notebook's loop: Keras ``model.predict`` on the 100-char window for every
-           character, seed-2x256 model (untrained: speed does not depend on the weights)
+           character, notebook-2x256 model (untrained: speed does not depend on the weights)
 
 Speeds are the best and the median of ``--repeats`` runs (the machine is shared: the best is the
 closest to an idle core). The benchmark process itself imports no TensorFlow: the notebook loop
@@ -77,9 +77,8 @@ def make_random_model(out: Path) -> None:
     from export.onnx import export_checkpoint
     from textgen import checkpoint as ckptlib
     from textgen.config import preset
-    from textgen.corpus import load_corpus
     from textgen.model import build_model
-    from textgen.vocab import Vocab
+    from textgen.text import Vocab, load_corpus
 
     cfg = preset("default")
     vocab = Vocab.from_text(load_corpus(None, lowercase=cfg.train.lowercase).text)
@@ -100,7 +99,7 @@ def notebook_loop(chars: int) -> dict:
     from textgen.config import preset
     from textgen.model import build_model
 
-    cfg = preset("seed-2x256").model
+    cfg = preset("notebook-2x256").model
     vocab_size = 45
     model = build_model(cfg, vocab_size)
     window = list(np.random.default_rng(0).integers(0, vocab_size, cfg.seq_len))
@@ -111,7 +110,7 @@ def notebook_loop(chars: int) -> dict:
         index = int(np.argmax(model.predict(x, verbose=0)))
         window = window[1:] + [index]
     elapsed = time.perf_counter() - t0
-    return {"bench": "notebook", "model": "seed-2x256 (untrained)", "chars": chars,
+    return {"bench": "notebook", "model": "notebook-2x256 (untrained)", "chars": chars,
             "chars_per_s": chars / elapsed, "ms_per_char": 1000 * elapsed / chars}
 
 
@@ -295,7 +294,7 @@ def longest_common_run(text: str, corpus: str) -> tuple[int, str]:
 
 
 def quality(gen, corpus_path: Path, chars: int = 2000) -> dict:
-    from serve.text import read_corpus
+    from textgen.text import read_corpus
 
     corpus = read_corpus([corpus_path], lowercase=gen.lowercase)
     text = gen.generate("", max_chars=chars, temperature=0.8, seed=0)

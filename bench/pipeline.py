@@ -33,9 +33,8 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from textgen.config import ModelConfig
-    from textgen.corpus import load_corpus
+    from textgen.text import Vocab, load_corpus
     from textgen.train import _distribute
-    from textgen.vocab import Vocab
     from textgen.windows import train_dataset
 
     text = load_corpus().text

@@ -1,6 +1,6 @@
 """Quality at equal time: held-out loss after the same wall-clock budget, ours vs the notebook's.
 
-    .venv/bin/python -m bench.quality [--minutes 10] [--presets default seed-2x256]
+    .venv/bin/python -m bench.quality [--minutes 10] [--presets default notebook-2x256]
 
 Runs ``textgen train --preset P --max-minutes M`` for each preset, one after the other, on the
 bundled corpus, and prints one JSON line each (best validation loss in nats and bpc, epochs,
@@ -20,7 +20,7 @@ from pathlib import Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--presets", nargs="+", default=["default", "seed-2x256"])
+    p.add_argument("--presets", nargs="+", default=["default", "notebook-2x256"])
     p.add_argument("--keep", help="keep the runs under this directory (default: a temp dir)")
     p.add_argument("extra", nargs="*", help="more `textgen train` flags (after --)")
     args = p.parse_args()

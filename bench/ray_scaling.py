@@ -37,7 +37,7 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     common = ["--preset", args.preset, "--epochs", str(args.epochs), "--patience", str(args.epochs)]
 
-    single = _run([sys.executable, "-m", "textgen", "train", *common, "--out", str(root / "single"),
+    _run([sys.executable, "-m", "textgen", "train", *common, "--out", str(root / "single"),
                    "--no-progress"], env)
     single_hist = [json.loads(l) for l in (root / "single" / "metrics.jsonl").read_text().splitlines()]
     ray = _run([sys.executable, "-m", "jobs.train", *common, "--num-workers", "2", "--cpus-per-worker", "1",

@@ -1,6 +1,6 @@
 """Training throughput: characters of training target per second, ours vs the notebook's approach.
 
-    .venv/bin/python -m bench.train_throughput [--presets default seed-2x256] [--steps 20]
+    .venv/bin/python -m bench.train_throughput [--presets default notebook-2x256] [--steps 20]
 
 Both presets run in this process, on the bundled corpus, through the real training step (the same
 ``Steps`` the loop uses, default strategy, all cores). Prints one JSON line per preset and one with
@@ -22,8 +22,8 @@ def measure(preset_name: str, steps: int, warmup: int) -> dict:
     import tensorflow as tf
 
     from textgen.config import preset
-    from textgen.train import Steps, _distribute, make_optimizer, prepare_data
     from textgen.model import build_model
+    from textgen.train import Steps, _distribute, make_optimizer, prepare_data
     from textgen.windows import targets_per_window, train_dataset
 
     pre = preset(preset_name)
@@ -57,13 +57,13 @@ def measure(preset_name: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["default", "seed-2x256"])
+    p.add_argument("--presets", nargs="+", default=["default", "notebook-2x256"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per preset")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     results = []
     for name in args.presets:
-        steps = args.steps if not name.startswith("seed") else max(5, args.steps // 2)
+        steps = args.steps if not name.startswith("notebook") else max(5, args.steps // 2)
         r = measure(name, steps, args.warmup)
         r["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         results.append(r)

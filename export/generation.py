@@ -49,12 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.sampling import GREEDY_TEMPERATURE
+from textgen.contract import CHAR_IDS, GREEDY_TEMPERATURE, LOGITS, NOISE, SAMPLED_IDS, TEMPERATURE, TOP_K, TOP_P
 
-INPUT = "char_ids"
-LOGITS = "logits"
-GEN_INPUTS = ("sample_noise", "temperature", "top_k", "top_p")
-GEN_OUTPUT = "sampled_ids"
 PRECISIONS = ("int8", "fp32")
 
 
@@ -183,7 +179,7 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     vocab_size = int(inits[w["bias"]].shape[0])
     hidden = [int(helper.get_attribute_value(a)) for lstm in w["lstms"] for a in lstm.attribute
               if a.name == "hidden_size"]
-    state_in = [i.name for i in g.input if i.name != INPUT][: len(state_outputs)]
+    state_in = [i.name for i in g.input if i.name != CHAR_IDS][: len(state_outputs)]
     const = []
     f32, i64, i32, bool_ = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
 
@@ -199,7 +195,7 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     then_out = {n: f"then_{n}" for n in [LOGITS, *state_outputs]}
     step_nodes = list(g.node)
     for n_ in step_nodes:
-        n_.input[:] = ["gen_step_ids" if i == INPUT else i for i in n_.input]
+        n_.input[:] = ["gen_step_ids" if i == CHAR_IDS else i for i in n_.input]
         n_.output[:] = [then_out.get(o, o) for o in n_.output]
     del g.node[:]
     for o in list(g.output):
@@ -319,18 +315,18 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     c("gen_true", np.array(True))
     nodes = [
         # K > 0: the step model takes char_ids[:, :-1] and the loop starts from char_ids[:, -1].
-        node("Shape", ["char_ids"], "gen_b", start=0, end=1),  # [B]
-        node("Shape", ["char_ids"], "gen_t_ids", start=1, end=2),  # [T]
-        node("Shape", ["sample_noise"], "gen_k_1", start=1, end=2),  # [K]
+        node("Shape", [CHAR_IDS], "gen_b", start=0, end=1),  # [B]
+        node("Shape", [CHAR_IDS], "gen_t_ids", start=1, end=2),  # [T]
+        node("Shape", [NOISE], "gen_k_1", start=1, end=2),  # [K]
         node("Min", ["gen_k_1", "gen_one_1"], "gen_sampling"),  # [1] if K > 0 else [0]
         node("Sub", ["gen_t_ids", "gen_sampling"], "gen_t_step"),
-        node("Slice", ["char_ids", c("gen_start", np.array([0], np.int64)), "gen_t_step", ax1], "gen_step_ids"),
+        node("Slice", [CHAR_IDS, c("gen_start", np.array([0], np.int64)), "gen_t_step", ax1], "gen_step_ids"),
         node("Greater", ["gen_t_step", c("gen_zero_1", np.array([0], np.int64))], "gen_run_step"),
         node("Concat", ["gen_b", c("gen_0v", np.array([0, vocab_size], np.int64))], "gen_empty_logits_shape",
              axis=0),
         node("If", ["gen_run_step"], [LOGITS, *[step_out[n_] for n_ in state_outputs]],
              then_branch=then_branch, else_branch=else_branch),
-        node("Slice", ["char_ids", c("gen_minus1", np.array([-1], np.int64)),
+        node("Slice", [CHAR_IDS, c("gen_minus1", np.array([-1], np.int64)),
                        c("gen_end", np.array([np.iinfo(np.int64).max], np.int64)), ax1], "gen_last_b1"),
         node("Transpose", ["gen_last_b1"], "gen_last_1b", perm=[1, 0]),
         node("Cast", ["gen_last_1b"], "gen_prev0", to=i64),  # (1, B)
@@ -354,11 +350,11 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     c("gen_shape_1b1", np.array([1, -1, 1], np.int64))
     nodes += [
         # Per-row settings, (1, B, 1) and (1, B, V).
-        node("Reshape", ["temperature", "gen_shape_1b1"], "gen_temp"),
+        node("Reshape", [TEMPERATURE, "gen_shape_1b1"], "gen_temp"),
         node("Max", ["gen_temp", c("gen_tmin", np.array(GREEDY_TEMPERATURE, np.float32))], "gen_temp_safe"),
         node("Reciprocal", ["gen_temp_safe"], "gen_inv_t"),
-        node("Reshape", ["top_p", "gen_shape_1b1"], "gen_p_row"),
-        node("Reshape", ["top_k", "gen_shape_1b1"], "gen_k_row"),
+        node("Reshape", [TOP_P, "gen_shape_1b1"], "gen_p_row"),
+        node("Reshape", [TOP_K, "gen_shape_1b1"], "gen_k_row"),
         node("Less", [c("gen_rank", np.arange(vocab_size, dtype=np.int64)[None, None]), "gen_k_row"], "gen_k_in"),
         node("LessOrEqual", ["gen_k_row", "gen_zero_i"], "gen_k_off"),
         node("Or", ["gen_k_in", "gen_k_off"], "gen_in_k"),
@@ -373,7 +369,7 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
         node("ReduceMax", ["gen_row_filters_i"], "gen_any_i", keepdims=0),
         node("Cast", ["gen_any_i"], "gen_any_filters", to=bool_),
         # Noise time-major (K, 1, B, V).
-        node("Transpose", ["sample_noise"], "gen_noise_kbv", perm=[1, 0, 2]),
+        node("Transpose", [NOISE], "gen_noise_kbv", perm=[1, 0, 2]),
         node("Unsqueeze", ["gen_noise_kbv", ax1], "gen_noise4"),
         node("Squeeze", ["gen_k_1", ax0], "gen_k"),
         # Two loops, one runs: an If around them would double the cost of every step (onnxruntime
@@ -390,7 +386,7 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
               for i, (f, n) in enumerate(zip(f_outs[1:], n_outs[1:]))]
     nodes += [
         node("Transpose", ["gen_ids_kb"], "gen_ids_bk", perm=[1, 0]),  # (K, B) -> (B, K)
-        node("Cast", ["gen_ids_bk"], GEN_OUTPUT, to=i32),
+        node("Cast", ["gen_ids_bk"], SAMPLED_IDS, to=i32),
     ]
     for i, n_ in enumerate(state_outputs):  # the state before the pending (last sampled) id
         final = f"gen_s{i}"
@@ -404,13 +400,13 @@ def add_generation_loop(model, n_layers: int, state_outputs: list[str], precisio
     g.node.extend(nodes)
     g.initializer.extend(const)
     g.input.extend([
-        helper.make_tensor_value_info("sample_noise", f32, ["batch", "steps", vocab_size]),
-        helper.make_tensor_value_info("temperature", f32, ["batch"]),
-        helper.make_tensor_value_info("top_k", i64, ["batch"]),
-        helper.make_tensor_value_info("top_p", f32, ["batch"]),
+        helper.make_tensor_value_info(NOISE, f32, ["batch", "steps", vocab_size]),
+        helper.make_tensor_value_info(TEMPERATURE, f32, ["batch"]),
+        helper.make_tensor_value_info(TOP_K, i64, ["batch"]),
+        helper.make_tensor_value_info(TOP_P, f32, ["batch"]),
     ])
     g.output.extend([helper.make_tensor_value_info(n_, f32, ["batch", None]) for n_ in state_outputs])
-    g.output.append(helper.make_tensor_value_info(GEN_OUTPUT, i32, ["batch", "steps"]))
+    g.output.append(helper.make_tensor_value_info(SAMPLED_IDS, i32, ["batch", "steps"]))
     if precision == "int8" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model

@@ -11,7 +11,7 @@ B, T and K are free. With K = 0 it is the step model: a prompt (or an evaluation
 consumed in one call. With K > 0 the graph also samples K characters per row (see
 ``export/generation.py``: the pending id, the noise, the int8 loop). Every LSTM layer of the step
 model is one fused ONNX ``LSTM`` op. The metadata (``metadata_props``) carries everything
-generation and evaluation need, as JSON strings under ``textgen.*`` keys (see ``METADATA_KEYS``).
+generation and evaluation need, as JSON strings under ``textgen.*`` keys (see ``textgen.contract``).
 """
 
 from __future__ import annotations
@@ -26,29 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from export.generation import GEN_INPUTS, GEN_OUTPUT, PRECISIONS, GraphError, add_generation_loop
+from export.generation import PRECISIONS, GraphError, add_generation_loop
 from textgen import checkpoint as ckptlib
+from textgen import contract as C
 from textgen.config import CHAR, to_dict
+from textgen.contract import CHAR_IDS, LOGITS, SAMPLED_IDS, state_names
 from textgen.errors import TextgenError
-from textgen.model import INPUT_NAME, LOGITS_NAME, build_step_model, copy_weights, state_names
+from textgen.model import build_step_model, copy_weights
 
-FORMAT_VERSION = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-METADATA_KEYS = (
-    "textgen.format_version",  # "1"
-    "textgen.vocab",  # JSON list of the characters, index = id
-    "textgen.lowercase",  # "true" if the corpus was lowercased (prompts are lowercased too)
-    "textgen.model_config",  # JSON ModelConfig
-    "textgen.train_config",  # JSON TrainConfig (val_fraction, seed, ...)
-    "textgen.metrics",  # JSON metrics of the exported checkpoint (val_loss, val_bpc, epoch, ...)
-    "textgen.state_inputs",  # JSON ["h_0", "c_0", ...]
-    "textgen.state_outputs",  # JSON ["h_0_out", "c_0_out", ...]
-    "textgen.state_sizes",  # JSON [H_0, H_0, H_1, H_1, ...], one per state input
-    "textgen.parity_max_abs_diff",  # max |logits_keras - logits_onnx| measured at export
-    "textgen.generation",  # JSON: the sampling loop's inputs/output, precision, export-time checks
-    "textgen.exported_at",  # ISO 8601 UTC
-)
 
 
 class ExportError(TextgenError):
@@ -98,16 +85,16 @@ def export_checkpoint(
 
     ins, outs = state_names(len(ckpt.model.lstm_units))
     sizes = [u for u in ckpt.model.lstm_units for _ in range(2)]
-    signature = [tf.TensorSpec((None, None), tf.int32, name=INPUT_NAME)] + [
+    signature = [tf.TensorSpec((None, None), tf.int32, name=CHAR_IDS)] + [
         tf.TensorSpec((None, h), tf.float32, name=n) for n, h in zip(ins, sizes)
     ]
     proto, _ = tf2onnx.convert.from_keras(step, input_signature=signature, opset=OPSET)
 
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
-    if got_in != [INPUT_NAME, *ins] or got_out != [LOGITS_NAME, *outs]:
+    if got_in != [CHAR_IDS, *ins] or got_out != [LOGITS, *outs]:
         raise ExportError(f"converted graph has inputs {got_in} and outputs {got_out}; expected "
-                          f"{[INPUT_NAME, *ins]} and {[LOGITS_NAME, *outs]}")
+                          f"{[CHAR_IDS, *ins]} and {[LOGITS, *outs]}")
     lstm_ops = sum(n.op_type == "LSTM" for n in proto.graph.node)
     if lstm_ops != len(ckpt.model.lstm_units):
         raise ExportError(
@@ -123,20 +110,20 @@ def export_checkpoint(
     max_diff = check_parity(onnx_bytes, train_model, step, ckpt, seed=seed)
     gen_check = check_generation(onnx_bytes, ckpt, seed=seed)
     metadata = {
-        "textgen.format_version": str(FORMAT_VERSION),
-        "textgen.vocab": json.dumps(list(ckpt.vocab.chars), ensure_ascii=False),
-        "textgen.lowercase": json.dumps(ckpt.train.lowercase),
-        "textgen.model_config": json.dumps(to_dict(ckpt.model)),
-        "textgen.train_config": json.dumps(to_dict(ckpt.train)),
-        "textgen.metrics": json.dumps({k: v for k, v in ckpt.metrics.items() if k != "history"}),
-        "textgen.state_inputs": json.dumps(ins),
-        "textgen.state_outputs": json.dumps(outs),
-        "textgen.state_sizes": json.dumps(sizes),
-        "textgen.parity_max_abs_diff": repr(max_diff),
-        "textgen.generation": json.dumps({
-            "inputs": list(GEN_INPUTS), "output": GEN_OUTPUT, "precision": precision, **gen_check,
+        C.META_FORMAT_VERSION: str(C.FORMAT_VERSION),
+        C.META_VOCAB: json.dumps(list(ckpt.vocab.chars), ensure_ascii=False),
+        C.META_LOWERCASE: json.dumps(ckpt.train.lowercase),
+        C.META_MODEL_CONFIG: json.dumps(to_dict(ckpt.model)),
+        C.META_TRAIN_CONFIG: json.dumps(to_dict(ckpt.train)),
+        C.META_METRICS: json.dumps({k: v for k, v in ckpt.metrics.items() if k != "history"}),
+        C.META_STATE_INPUTS: json.dumps(ins),
+        C.META_STATE_OUTPUTS: json.dumps(outs),
+        C.META_STATE_SIZES: json.dumps(sizes),
+        C.META_PARITY: repr(max_diff),
+        C.META_GENERATION: json.dumps({
+            "inputs": list(C.GENERATION_INPUTS), "output": SAMPLED_IDS, "precision": precision, **gen_check,
         }),
-        "textgen.exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        C.META_EXPORTED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     del proto.metadata_props[:]
     for k, v in metadata.items():
@@ -144,8 +131,8 @@ def export_checkpoint(
     proto.producer_name = "textgen"
     proto.doc_string = (
         f"textgen character LSTM step model: {len(ckpt.model.lstm_units)} x LSTM {list(ckpt.model.lstm_units)}, "
-        f"vocabulary {ckpt.vocab.size}; inputs {INPUT_NAME} (B,T) int32 + state + sampling inputs, outputs "
-        f"logits + state + {GEN_OUTPUT}"
+        f"vocabulary {ckpt.vocab.size}; inputs {CHAR_IDS} (B,T) int32 + state + sampling inputs, outputs "
+        f"logits + state + {SAMPLED_IDS}"
     )
     onnx.checker.check_model(proto)
 
@@ -183,7 +170,7 @@ def check_parity(onnx_bytes: bytes, train_model, step, ckpt: ckptlib.Checkpoint,
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
 
     def run(x, s):
-        return sess.run(None, {INPUT_NAME: x, **dict(zip(ins, s)), **generation_feed(len(x), 0, ckpt.vocab.size)})
+        return sess.run(None, {CHAR_IDS: x, **dict(zip(ins, s)), **generation_feed(len(x), 0, ckpt.vocab.size)})
 
     expected = step.predict([ids, *state], verbose=0)
     got = run(ids, state)
@@ -219,11 +206,11 @@ def generation_feed(batch: int, steps: int, vocab_size: int, noise=None, tempera
         return np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype), (batch,)))
 
     return {
-        "sample_noise": np.zeros((batch, steps, vocab_size), np.float32) if noise is None
+        C.NOISE: np.zeros((batch, steps, vocab_size), np.float32) if noise is None
         else np.asarray(noise, np.float32),
-        "temperature": rows(temperature, np.float32),
-        "top_k": rows(top_k, np.int64),
-        "top_p": rows(top_p, np.float32),
+        C.TEMPERATURE: rows(temperature, np.float32),
+        C.TOP_K: rows(top_k, np.int64),
+        C.TOP_P: rows(top_p, np.float32),
     }
 
 
@@ -260,7 +247,7 @@ def check_generation(onnx_bytes: bytes, ckpt: ckptlib.Checkpoint, seed: int = 0)
         state = state or [np.zeros((len(ids), h), np.float32) for h in sizes]
         if "noise" not in gen and np.all(np.asarray(gen.get("temperature", 1.0)) > 0):
             gen["noise"] = rng.gumbel(size=(len(ids), steps, v))
-        feed = {INPUT_NAME: ids, **dict(zip(ins, state)), **generation_feed(len(ids), steps, v, **gen)}
+        feed = {CHAR_IDS: ids, **dict(zip(ins, state)), **generation_feed(len(ids), steps, v, **gen)}
         out = sess.run(None, feed)
         return out[0], out[1:-1], out[-1]
 

@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_args(args)
         if args.corpus:  # fail on the driver, not after workers started; workers re-check theirs
-            from textgen.corpus import corpus_files
+            from textgen.text import corpus_files
 
             corpus_files(args.corpus)
         result = run(args)

@@ -26,7 +26,8 @@ import secrets
 import sys
 from typing import Callable
 
-from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, GeneratorError
+from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
+from textgen.errors import TextgenError as GeneratorError
 
 EXIT_USAGE = 2
 BUNDLED_CORPUS = "textgen/data/alice_in_wonderland.txt"
@@ -178,7 +179,7 @@ def _tell_seed(asked: int | None, used: int | None) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from serve.onnx_model import OnnxModel
-    from serve.text import read_corpus
+    from textgen.text import held_out_length, read_corpus
 
     if args.batch_size < 1:
         raise GeneratorError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -187,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
     if info.model_config.get("kind", "char") != "char" or not isinstance(info.model_config.get("seq_len"), int):
         raise GeneratorError(f"{args.model}: textgen.model_config has no char-model seq_len; export it again")
     seq_len = info.model_config["seq_len"]
-    text = read_corpus(args.corpus, lowercase=info.lowercase)
+    text = read_corpus(args.corpus, lowercase=info.lowercase).text
     ids, skipped = model.vocabulary.encode_counting(text, unknown="skip", what="corpus")
     if args.split == "val":
         val_fraction = info.train_config.get("val_fraction")
@@ -196,7 +197,7 @@ def _eval(args: argparse.Namespace) -> int:
                 f"{args.model} does not say which part of the corpus was held out (no val_fraction in "
                 "textgen.train_config); use --split all"
             )
-        ids = ids[len(ids) - int(round(len(ids) * val_fraction)) :]
+        ids = ids[len(ids) - held_out_length(len(ids), val_fraction) :]
     if len(ids) < seq_len + 1:
         raise GeneratorError(
             f"the {args.split} text has {len(ids)} known characters, fewer than one window of "

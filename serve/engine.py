@@ -49,8 +49,10 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from serve.generator import Generator
+from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
 from serve.sampling import RowNoise, Sampler
-from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, GeneratorError, StopStrings, UnknownCharactersError
+from textgen.errors import TextgenError as GeneratorError
+from textgen.text import StopStrings, UnknownCharactersError
 
 log = logging.getLogger("textgen.engine")
 

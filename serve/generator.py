@@ -32,8 +32,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from serve.onnx_model import OnnxModel
+from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, MAX_CHARS_CAP
 from serve.sampling import RowNoise, Sampler, row_rngs
-from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, MAX_CHARS_CAP, GeneratorError, StopStream, StopStrings
+from textgen.contract import start_char
+from textgen.errors import TextgenError as GeneratorError
+from textgen.text import StopStrings
 
 MAX_PROMPT_CHARS = 100_000  # a longer prompt is a mistake more often than a wish
 MAX_BATCH = 4096  # rows of one generate_batch call
@@ -61,8 +64,7 @@ class Generator:
         self.max_prompt_chars = _count("max_prompt_chars", max_prompt_chars, minimum=1)
         self.chunk_size = _count("chunk_size", chunk_size, minimum=1)
         vocab = model.vocabulary
-        start = "\n" if "\n" in vocab else " " if " " in vocab else vocab.chars[0]
-        self._start_ids = np.array([vocab.index[start]], np.int32)
+        self._start_ids = np.array([vocab.index[start_char(vocab.chars)]], np.int32)
 
     @classmethod
     def load(
@@ -214,7 +216,7 @@ class Generator:
             )
         if self.lowercase:
             prompt = prompt.lower()
-        ids = self.model.vocabulary.encode(prompt, unknown, replacement)
+        ids = self.model.vocabulary.encode(prompt, unknown, replacement, what="prompt")
         return ids if len(ids) else self._start_ids
 
     def _stream(self, run: _Run) -> Iterator[str]:
@@ -223,13 +225,18 @@ class Generator:
             for _, ids in run:
                 yield from (chars[i] for i in ids[0].tolist())
             return
-        held = StopStream(run.stops)
+        stops, held = run.stops, ""
         for _, ids in run:
             for i in ids[0].tolist():
-                yield from held.push(chars[i])
-                if held.stopped:
+                held += chars[i]
+                found = stops.find_first(held) if chars[i] in stops.last_chars else None
+                if found is not None:
+                    yield from held[: found[0] - found[1]]
                     return
-        yield from held.flush()
+                k = stops.held_tail(held)
+                yield from held[: len(held) - k]
+                held = held[len(held) - k :]
+        yield from held
 
 
 class _Run:

@@ -42,7 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
@@ -65,7 +66,7 @@ from serve.engine import (
     Ticket,
 )
 from serve.generator import Generator
-from serve.text import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
+from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look
 

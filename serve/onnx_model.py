@@ -35,26 +35,15 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from serve.text import GeneratorError, Vocabulary
+from textgen import contract as C
+from textgen.contract import CHAR_IDS, LOGITS, NOISE, REQUIRED_METADATA, SAMPLED_IDS
+from textgen.errors import TextgenError as GeneratorError
+from textgen.text import Vocab, VocabError
 
-FORMAT_VERSION = "1"
-INPUT_NAME = "char_ids"  # (B, T) int32
-LOGITS_NAME = "logits"  # (B, T, V) float32
-NOISE_NAME = "sample_noise"  # (B, K, V) float32
-SETTING_INPUTS = (("temperature", "tensor(float)", np.float32),  # (B,) each
-                  ("top_k", "tensor(int64)", np.int64),
-                  ("top_p", "tensor(float)", np.float32))
-SAMPLED_NAME = "sampled_ids"  # (B, K) int32
-REQUIRED_METADATA = (
-    "textgen.format_version",
-    "textgen.vocab",
-    "textgen.lowercase",
-    "textgen.model_config",
-    "textgen.state_inputs",
-    "textgen.state_outputs",
-    "textgen.state_sizes",
-)
-GENERATION_METADATA = "textgen.generation"  # added with the in-graph sampling loop
+FORMAT_VERSION = str(C.FORMAT_VERSION)  # as the metadata writes it
+SETTING_INPUTS = ((C.TEMPERATURE, "tensor(float)", np.float32),  # (B,) each
+                  (C.TOP_K, "tensor(int64)", np.int64),
+                  (C.TOP_P, "tensor(float)", np.float32))
 # Every error onnxruntime raises while loading a file (they derive from Exception directly).
 _ORT_LOAD_ERRORS = tuple(
     getattr(_ort_errors, n)
@@ -116,10 +105,10 @@ class OnnxModel:
         self.session = session
         self.info = info
         self.path = path
-        self.vocabulary = Vocabulary(info.vocab)
+        self.vocabulary = Vocab(info.vocab)
         _check_signature(session, info, path)
-        self._step_outputs = [LOGITS_NAME, *info.state_outputs]
-        self._chunk_outputs = [SAMPLED_NAME, *info.state_outputs]
+        self._step_outputs = [LOGITS, *info.state_outputs]
+        self._chunk_outputs = [SAMPLED_IDS, *info.state_outputs]
 
     @classmethod
     def load(
@@ -174,8 +163,8 @@ class OnnxModel:
         b = char_ids.shape[0]
         if state is None:
             state = self.zero_state(b)
-        feed = {INPUT_NAME: char_ids, **dict(zip(self.info.state_inputs, state)),
-                NOISE_NAME: np.zeros((b, 0, self.info.vocab_size), np.float32), **self.settings(b)}
+        feed = {CHAR_IDS: char_ids, **dict(zip(self.info.state_inputs, state)),
+                NOISE: np.zeros((b, 0, self.info.vocab_size), np.float32), **self.settings(b)}
         logits, *new_state = self.session.run(self._step_outputs, feed)
         return logits, new_state
 
@@ -191,8 +180,8 @@ class OnnxModel:
         noise (B, K, V) float32: standard Gumbel noise (``sampling.RowNoise``); settings: the
         (B,) temperature / top_k / top_p arrays (``settings``). Returns the sampled ids (B, K) int32
         and the state before the last of them, which is pending: the next call's char_ids."""
-        feed = {INPUT_NAME: np.ascontiguousarray(char_ids, dtype=np.int32),
-                **dict(zip(self.info.state_inputs, state)), NOISE_NAME: noise, **settings}
+        feed = {CHAR_IDS: np.ascontiguousarray(char_ids, dtype=np.int32),
+                **dict(zip(self.info.state_inputs, state)), NOISE: noise, **settings}
         ids, *new_state = self.session.run(self._chunk_outputs, feed)
         return ids, new_state
 
@@ -260,25 +249,30 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
             f"{path} has no textgen metadata ({', '.join(missing)} missing): it was not written by "
             f"textgen's exporter; {HOW_TO_EXPORT}"
         )
-    version = meta["textgen.format_version"]
+    version = meta[C.META_FORMAT_VERSION]
     if version != FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has textgen.format_version {version!r}; this generator reads version {FORMAT_VERSION}; "
             "export the model again with this version of textgen"
         )
-    if GENERATION_METADATA not in meta:  # a step model without the sampling loop
-        raise ModelFileError(f"{path}: {OLDER_TEXTGEN} (it has no {GENERATION_METADATA} metadata and no sampling loop)")
-    generation = _json(meta, GENERATION_METADATA, path)
-    vocab = _json(meta, "textgen.vocab", path)
-    lowercase = _json(meta, "textgen.lowercase", path)
-    model_config = _json(meta, "textgen.model_config", path)
-    ins = _json(meta, "textgen.state_inputs", path)
-    outs = _json(meta, "textgen.state_outputs", path)
-    sizes = _json(meta, "textgen.state_sizes", path)
+    if C.META_GENERATION not in meta:  # a step model without the sampling loop
+        raise ModelFileError(f"{path}: {OLDER_TEXTGEN} (it has no {C.META_GENERATION} metadata and no sampling loop)")
+    generation = _json(meta, C.META_GENERATION, path)
+    vocab = _json(meta, C.META_VOCAB, path)
+    lowercase = _json(meta, C.META_LOWERCASE, path)
+    model_config = _json(meta, C.META_MODEL_CONFIG, path)
+    ins = _json(meta, C.META_STATE_INPUTS, path)
+    outs = _json(meta, C.META_STATE_OUTPUTS, path)
+    sizes = _json(meta, C.META_STATE_SIZES, path)
     problems = []
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(c, str) and len(c) == 1 for c in vocab)
             and len(set(vocab)) == len(vocab)):
         problems.append("textgen.vocab must be a list of two or more distinct single characters")
+    else:
+        try:
+            Vocab(tuple(vocab))
+        except VocabError as e:
+            problems.append(f"textgen.vocab: {e}")
     if not isinstance(lowercase, bool):
         problems.append("textgen.lowercase must be true or false")
     if not isinstance(model_config, dict):
@@ -289,7 +283,7 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
         problems.append("textgen.state_inputs, state_outputs and state_sizes must be lists of equal, non-zero "
                         "length (names, names, positive sizes)")
     if not isinstance(generation, dict):
-        problems.append(f"{GENERATION_METADATA} must be a JSON object")
+        problems.append(f"{C.META_GENERATION} must be a JSON object")
     if problems:
         raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
     optional = {}
@@ -299,20 +293,20 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
     return ModelInfo(
         vocab=tuple(vocab), lowercase=lowercase, state_inputs=tuple(ins), state_outputs=tuple(outs),
         state_sizes=tuple(sizes), model_config=model_config, generation=generation,
-        exported_at=meta.get("textgen.exported_at"), **optional,
+        exported_at=meta.get(C.META_EXPORTED_AT), **optional,
     )
 
 
 def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) -> None:
     """The graph's inputs and outputs must be exactly what the metadata promises."""
     v = info.vocab_size
-    want_in = {INPUT_NAME: ("tensor(int32)", [None, None])}
+    want_in = {CHAR_IDS: ("tensor(int32)", [None, None])}
     want_in.update({n: ("tensor(float)", [None, h]) for n, h in zip(info.state_inputs, info.state_sizes)})
-    want_in[NOISE_NAME] = ("tensor(float)", [None, None, v])
+    want_in[NOISE] = ("tensor(float)", [None, None, v])
     want_in.update({name: (kind, [None]) for name, kind, _ in SETTING_INPUTS})
-    want_out = {LOGITS_NAME: ("tensor(float)", [None, None, v])}
+    want_out = {LOGITS: ("tensor(float)", [None, None, v])}
     want_out.update({n: ("tensor(float)", [None, h]) for n, h in zip(info.state_outputs, info.state_sizes)})
-    want_out[SAMPLED_NAME] = ("tensor(int32)", [None, None])
+    want_out[SAMPLED_IDS] = ("tensor(int32)", [None, None])
 
     def describe(args) -> dict[str, tuple[str, list]]:
         return {a.name: (a.type, list(a.shape)) for a in args}
@@ -335,8 +329,8 @@ def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) 
     if problems:
         raise ModelFileError(
             f"{path} does not match the textgen model contract: {'; '.join(sorted(problems))}. "
-            f"Expected inputs {INPUT_NAME} (B, T) int32 + {', '.join(info.state_inputs)} + {NOISE_NAME} "
+            f"Expected inputs {CHAR_IDS} (B, T) int32 + {', '.join(info.state_inputs)} + {NOISE} "
             f"(B, K, V={v}) float32, temperature (B,) float32, top_k (B,) int64, top_p (B,) float32 and outputs "
-            f"{LOGITS_NAME} (B, T, V={v}) + {', '.join(info.state_outputs)} + {SAMPLED_NAME} (B, K) int32; "
+            f"{LOGITS} (B, T, V={v}) + {', '.join(info.state_outputs)} + {SAMPLED_IDS} (B, K) int32; "
             f"{HOW_TO_EXPORT}"
         )

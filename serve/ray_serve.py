@@ -35,7 +35,7 @@ from ray.serve import Application
 
 from serve.engine import ServeSettings
 from serve.http import create_app
-from serve.text import GeneratorError
+from textgen.errors import TextgenError as GeneratorError
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ServeSettings))
 

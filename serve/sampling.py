@@ -32,10 +32,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from serve.text import GeneratorError
+from textgen.contract import GREEDY_TEMPERATURE
+from textgen.errors import TextgenError as GeneratorError
 
 LogitsProcessor = Callable[[np.ndarray], np.ndarray]  # (B, V) -> (B, V)
-GREEDY_TEMPERATURE = 1e-6  # the graph divides by max(temperature, this): temperature 0 is argmax
 
 
 class SamplingError(GeneratorError):

@@ -3,8 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from textgen.corpus import CorpusError, bundled_corpus_path, load_corpus, split_ids
-from textgen.vocab import Vocab
+from textgen.text import CorpusError, Vocab, bundled_corpus_path, load_corpus, split_ids
 
 
 def test_bundled_corpus_matches_the_notebook_numbers():

@@ -78,8 +78,10 @@ def test_the_file_holds_the_contract(small_onnx):
     import onnx
     from onnx import TensorProto
 
-    from export.generation import GEN_INPUTS, GEN_OUTPUT
-    from export.onnx import GEN_TV_TOLERANCE, METADATA_KEYS, PARITY_TOLERANCE
+    from export.onnx import GEN_TV_TOLERANCE, PARITY_TOLERANCE
+    from textgen.contract import GENERATION_INPUTS as GEN_INPUTS
+    from textgen.contract import METADATA_KEYS
+    from textgen.contract import SAMPLED_IDS as GEN_OUTPUT
 
     model = onnx.load(str(small_onnx))
     onnx.checker.check_model(model)
@@ -228,17 +230,17 @@ def test_one_call_equals_chunks_rows_alone_and_a_prefilled_prompt(small_onnx, fp
 
 def test_export_refuses_a_seed_kind_checkpoint(tmp_path):
     from textgen import checkpoint as ckptlib
-    from textgen.config import SEED, ModelConfig, TrainConfig
+    from textgen.config import NOTEBOOK, ModelConfig, TrainConfig
     from textgen.model import build_model
-    from textgen.vocab import Vocab
+    from textgen.text import Vocab
 
-    cfg = ModelConfig(kind=SEED, lstm_units=(4,), dropout=0.0, seq_len=8)
+    cfg = ModelConfig(kind=NOTEBOOK, lstm_units=(4,), dropout=0.0, seq_len=8)
     vocab = Vocab.from_text("abc \n")
-    path = ckptlib.save_checkpoint(tmp_path / "seed", build_model(cfg, vocab.size), None, cfg, TrainConfig(), vocab,
+    path = ckptlib.save_checkpoint(tmp_path / "notebook", build_model(cfg, vocab.size), None, cfg, TrainConfig(), vocab,
                                    {"val_loss": 1.0}, {"epoch": 1})
     code, stdout, stderr = run_cli(["export", str(path), "--out", str(tmp_path / "m.onnx")])
     assert code == 2 and stdout == ""
-    assert "holds a 'seed' model" in stderr and "train a 'char' preset" in stderr and "Traceback" not in stderr
+    assert "holds a 'notebook' model" in stderr and "train a 'char' preset" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "m.onnx").exists()
 
 

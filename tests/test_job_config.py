@@ -44,11 +44,11 @@ def test_mixed_precision_reaches_the_workers_config():
 
 
 def test_mixed_precision_training_config_keeps_cudnn_and_float32_logits():
+    import keras
+
     from textgen.config import TrainConfig, preset
     from textgen.model import build_model, cudnn_problems, lstm_layers
     from textgen.train import make_optimizer
-
-    import keras
 
     model = build_model(preset("default").model, 45, mixed_precision=True)
     assert all(not cudnn_problems(layer) for layer in lstm_layers(model))

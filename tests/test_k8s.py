@@ -758,7 +758,7 @@ def test_every_image_is_built_by_a_dockerfile() -> None:
 
 
 def test_ray_version_matches_images_and_pin() -> None:
-    pins = [r for r in pyproject()["project"]["optional-dependencies"]["train"] if requirement_name(r) == "ray"]
+    pins = [r for r in pyproject()["project"]["optional-dependencies"]["trainer"] if requirement_name(r) == "ray"]
     ray_version = re.search(r"==([\w.]+)", pins[0]).group(1)
     ray_docs = [d for _, d in all_docs() if _is_ray_kind(d)]
     assert ray_docs

@@ -43,15 +43,15 @@ def test_default_preset_shape_and_size():
 
 
 def test_seed_presets_reproduce_the_notebook_models():
-    one = build_model(preset("seed-1x256").model, 45)
-    two = build_model(preset("seed-2x256").model, 45)
+    one = build_model(preset("notebook-1x256").model, 45)
+    two = build_model(preset("notebook-2x256").model, 45)
     assert [l.units for l in lstm_layers(one)] == [256]
     assert [l.return_sequences for l in lstm_layers(two)] == [True, False]
     probs = two(np.random.rand(3, 100, 1).astype(np.float32)).numpy()
     assert probs.shape == (3, 45)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # softmax output
     with pytest.raises(ValueError, match="no step model"):
-        build_step_model(preset("seed-2x256").model, 45)
+        build_step_model(preset("notebook-2x256").model, 45)
 
 
 def test_step_model_matches_training_model_and_carries_state():

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import last_json, run_cli
 
 pytestmark = pytest.mark.slow
@@ -39,8 +38,7 @@ def test_last_line_is_json_and_resume_continues(tmp_path):
     history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == [1, 2, 3]
     steps = history[0]["steps"]
-    from textgen.checkpoint import load_checkpoint
-    from textgen.checkpoint import load_model, restore_optimizer
+    from textgen.checkpoint import load_checkpoint, load_model, restore_optimizer
     from textgen.train import make_optimizer
 
     ckpt = load_checkpoint(out / "last")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from textgen.vocab import UnknownCharactersError, Vocab, VocabError
+from textgen.text import UnknownCharactersError, Vocab, VocabError
 
 
 def test_sorted_characters_and_round_trip():

@@ -3,7 +3,13 @@ import pytest
 
 from textgen.config import ModelConfig, preset
 from textgen.windows import (
-    Shard, WindowError, steps_per_epoch, train_dataset, train_starts, val_dataset, val_starts,
+    Shard,
+    WindowError,
+    steps_per_epoch,
+    train_dataset,
+    train_starts,
+    val_dataset,
+    val_starts,
 )
 
 CFG = ModelConfig(seq_len=10, lstm_units=(8,), embedding_dim=4)
@@ -77,7 +83,7 @@ def test_validation_covers_every_window_once_with_padding():
 
 def test_train_and_validation_never_share_a_window():
     # The split gives each part its own id array, so a window can only hold ids of one part.
-    from textgen.corpus import split_ids
+    from textgen.text import split_ids
 
     ids = np.arange(2000, dtype=np.int32)
     train, val = split_ids(ids, 0.1, CFG.seq_len)
@@ -87,7 +93,7 @@ def test_train_and_validation_never_share_a_window():
 
 
 def test_seed_kind_reproduces_the_notebook_windows():
-    cfg = preset("seed-1x256").model
+    cfg = preset("notebook-1x256").model
     ids = (np.arange(400) % 45).astype(np.int32)
     assert steps_per_epoch(400, cfg, 100) == 3  # 300 stride-1 windows
     x, y = _batches(train_dataset(ids, cfg, 45, 100, 1, 0))[0]

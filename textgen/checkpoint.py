@@ -16,8 +16,6 @@ after writing (truncated copies, bit rot) with a message that names the file.
 
 from __future__ import annotations
 
-from textgen.errors import TextgenError
-
 import hashlib
 import json
 import os
@@ -29,7 +27,8 @@ from typing import Any
 
 from textgen import config as cfglib
 from textgen.config import ModelConfig, TrainConfig
-from textgen.vocab import Vocab, VocabError
+from textgen.errors import TextgenError
+from textgen.text import Vocab, VocabError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.weights.h5"

@@ -7,17 +7,17 @@ This module imports nothing heavy: the generator and the CLI read it without Ten
 
 from __future__ import annotations
 
-from textgen.errors import TextgenError
-
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from textgen.errors import TextgenError
+
 # Model kinds.
 CHAR = "char"  # Embedding -> LSTMs -> Dense logits, a loss at every position of a window.
-SEED = "seed"  # The notebook's model: scaled-integer input, one softmax target per 100-char window.
-MODEL_KINDS = (CHAR, SEED)
+NOTEBOOK = "notebook"  # The notebook's model: scaled-integer input, one softmax target per 100-char window.
+MODEL_KINDS = (CHAR, NOTEBOOK)
 
 
 class ConfigError(TextgenError):
@@ -26,7 +26,7 @@ class ConfigError(TextgenError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = CHAR  # CHAR for our model; SEED reproduces the notebook so comparisons run in our code.
+    kind: str = CHAR  # CHAR for our model; NOTEBOOK reproduces the notebook so comparisons run in our code.
     embedding_dim: int = 64  # 45 characters need few dimensions; 64 costs ~3k params and trains fast.
     lstm_units: tuple[int, ...] = (256, 256)  # Two layers of 256, as the notebook's bigger model.
     dropout: float = 0.2  # After every LSTM layer, as in the notebook; enough for a 144k-char corpus.
@@ -94,13 +94,13 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(batch_size=32, learning_rate=1e-2, patience=3),
         "Tiny model for tests and smoke runs (seconds per epoch).",
     ),
-    "seed-1x256": Preset(
-        ModelConfig(kind=SEED, lstm_units=(256,), dropout=0.2, seq_len=100),
+    "notebook-1x256": Preset(
+        ModelConfig(kind=NOTEBOOK, lstm_units=(256,), dropout=0.2, seq_len=100),
         TrainConfig(batch_size=128, learning_rate=1e-3, clipnorm=None),
         "The notebook's first model: scaled-integer input, LSTM 256, one softmax target per window.",
     ),
-    "seed-2x256": Preset(
-        ModelConfig(kind=SEED, lstm_units=(256, 256), dropout=0.2, seq_len=100),
+    "notebook-2x256": Preset(
+        ModelConfig(kind=NOTEBOOK, lstm_units=(256, 256), dropout=0.2, seq_len=100),
         TrainConfig(batch_size=64, learning_rate=1e-3, clipnorm=None),
         "The notebook's bigger model: 2x LSTM 256 with dropout, one softmax target per window.",
     ),
@@ -124,7 +124,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+LEGACY_KINDS = {"seed": NOTEBOOK}  # the notebook kind's name in checkpoints written before the rename
+
+
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    if isinstance(d, dict) and d.get("kind") in LEGACY_KINDS:
+        d = {**d, "kind": LEGACY_KINDS[d["kind"]]}
     return _from_dict(ModelConfig, d)
 
 

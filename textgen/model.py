@@ -5,7 +5,7 @@
 per-layer state inputs ``h_i``/``c_i`` (B, H_i) and outputs ``h_i_out``/``c_i_out``, with variable
 batch and time, so a prompt is consumed in one call and single characters after it.
 
-``seed`` kind (the notebook): scaled_ids (B, T, 1) float32 -> N x [LSTM -> Dropout] (the last LSTM
+``notebook`` kind (the notebook): scaled_ids (B, T, 1) float32 -> N x [LSTM -> Dropout] (the last LSTM
 returns only its final output) -> Dense softmax probabilities (B, V).
 
 Every LSTM keeps the settings under which Keras 3 takes the cuDNN kernel on GPU (FACTS.md):
@@ -17,15 +17,7 @@ from __future__ import annotations
 import keras
 
 from textgen.config import CHAR, ModelConfig
-
-INPUT_NAME = "char_ids"  # (B, T) int32
-LOGITS_NAME = "logits"  # (B, T, V) float32
-
-
-def state_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Names of the step model's state inputs and outputs: h_0, c_0, h_1, ... / h_0_out, ..."""
-    ins = [f"{k}_{i}" for i in range(num_layers) for k in ("h", "c")]
-    return ins, [f"{n}_out" for n in ins]
+from textgen.contract import CHAR_IDS, LOGITS, state_names
 
 
 def _policy(mixed_precision: bool) -> str | None:
@@ -48,16 +40,16 @@ def _lstm(units: int, index: int, dtype: str | None, **kwargs) -> keras.layers.L
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, mixed_precision: bool = False) -> keras.Model:
-    """The training model: logits (B, T, V) for ``char``, probabilities (B, V) for ``seed``."""
+    """The training model: logits (B, T, V) for ``char``, probabilities (B, V) for ``notebook``."""
     dtype = _policy(mixed_precision)
     n = len(cfg.lstm_units)
     if cfg.kind == CHAR:
-        ids = keras.Input((None,), dtype="int32", name=INPUT_NAME)
+        ids = keras.Input((None,), dtype="int32", name=CHAR_IDS)
         x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding", dtype=dtype)(ids)
         for i, units in enumerate(cfg.lstm_units):
             x = _lstm(units, i, dtype, return_sequences=True)(x)
             x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
-        out = keras.layers.Dense(vocab_size, name=LOGITS_NAME, dtype="float32")(x)
+        out = keras.layers.Dense(vocab_size, name=LOGITS, dtype="float32")(x)
         return keras.Model(ids, out, name="textgen_char")
     scaled = keras.Input((cfg.seq_len, 1), dtype="float32", name="scaled_ids")
     x = scaled
@@ -65,7 +57,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, mixed_precision: bool = False
         x = _lstm(units, i, dtype, return_sequences=i < n - 1)(x)
         x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
     out = keras.layers.Dense(vocab_size, activation="softmax", name="probs", dtype="float32")(x)
-    return keras.Model(scaled, out, name="textgen_seed")
+    return keras.Model(scaled, out, name="textgen_notebook")
 
 
 def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
@@ -76,7 +68,7 @@ def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
             f"the {cfg.kind!r} model kind reproduces the notebook for comparisons and has no step "
             "model; train a 'char' preset (e.g. --preset default) to export and generate"
         )
-    ids = keras.Input((None,), batch_size=None, dtype="int32", name=INPUT_NAME)
+    ids = keras.Input((None,), batch_size=None, dtype="int32", name=CHAR_IDS)
     in_names, _ = state_names(len(cfg.lstm_units))
     states = [
         keras.Input((units,), dtype="float32", name=in_names[2 * i + j])
@@ -92,7 +84,7 @@ def build_step_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
         )
         # Identity layers only name the outputs (they become the ONNX output names).
         new_states += [keras.layers.Identity(name=out_names[2 * i + j])(s) for j, s in enumerate((h, c))]
-    logits = keras.layers.Dense(vocab_size, name=LOGITS_NAME)(x)
+    logits = keras.layers.Dense(vocab_size, name=LOGITS)(x)
     return keras.Model([ids, *states], [logits, *new_states], name="textgen_step")
 
 

@@ -15,18 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 from textgen import checkpoint as ckptlib
 from textgen.config import CHAR, ModelConfig, TrainConfig
-from textgen.corpus import load_corpus, split_ids
 from textgen.errors import TextgenError
 from textgen.model import build_model
-from textgen.vocab import Vocab
-from textgen.windows import Shard, per_replica_batch, steps_per_epoch, targets_per_window
-from textgen.windows import train_dataset, val_dataset, val_steps
+from textgen.text import Vocab, load_corpus, split_ids
+from textgen.windows import (
+    Shard,
+    per_replica_batch,
+    steps_per_epoch,
+    targets_per_window,
+    train_dataset,
+    val_dataset,
+    val_steps,
+)
 
 LN2 = math.log(2.0)
 
@@ -110,7 +116,7 @@ def make_optimizer(cfg: TrainConfig, num_replicas: int) -> keras.optimizers.Opti
 
 
 def _per_example_loss(kind: str, y, out):
-    """(B,) loss per window: mean over positions for ``char``, the single target for ``seed``."""
+    """(B,) loss per window: mean over positions for ``char``, the single target for ``notebook``."""
     if kind == CHAR:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, tf.int32), out)  # (B, T)
         return tf.reduce_mean(ce, axis=-1)

@@ -3,7 +3,7 @@
 For the ``char`` kind a window is ``seq_len + 1`` ids; the input is its first ``seq_len`` ids and
 the target the same window shifted by one, so every position carries a loss. Windows do not overlap
 (stride ``seq_len``) and start at a fresh random offset every epoch, so window boundaries move.
-The ``seed`` kind reproduces the notebook: stride-1 windows, the input scaled to [0, 1) as a float
+The ``notebook`` kind reproduces the notebook: stride-1 windows, the input scaled to [0, 1) as a float
 feature, and one target (the character after the window).
 
 Windows are never materialised: a batch is a matrix of window *start* positions, turned into ids by
@@ -18,14 +18,13 @@ step is exactly the global batch a single process would see.
 
 from __future__ import annotations
 
-from textgen.errors import TextgenError
-
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from textgen.config import CHAR, ModelConfig
+from textgen.errors import TextgenError
 
 
 class WindowError(TextgenError):
@@ -162,5 +161,5 @@ def val_dataset(
 
 
 def targets_per_window(cfg: ModelConfig) -> int:
-    """Characters of training target per window: seq_len for ``char``, 1 for ``seed``."""
+    """Characters of training target per window: seq_len for ``char``, 1 for ``notebook``."""
     return cfg.seq_len if cfg.kind == CHAR else 1

@@ -1,0 +1,75 @@
+"""The ONNX file's contract: every name, metadata key and rule that export writes and the generator
+reads, defined once. Standard library only: training, export and serving all import it.
+
+    inputs    char_ids (B, T) int32; h_i, c_i (B, H_i) float32 for every LSTM layer i;
+              sample_noise (B, K, V) float32 (standard Gumbel noise; zeros for greedy rows);
+              temperature (B,) float32 (<= 0: greedy), top_k (B,) int64 (<= 0: off),
+              top_p (B,) float32 (>= 1: off)
+    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32; sampled_ids (B, K) int32
+    metadata  ``textgen.*`` keys (``METADATA_KEYS``), JSON strings
+
+B, T and K are free. With K = 0 one call is the plain step model: the logits of every position and
+the state after ``char_ids``. With K > 0 the graph also samples K characters per row; the state
+outputs are then the state after ``char_ids`` and the first K - 1 sampled ids: the last sampled id
+is *pending*, the next call's ``char_ids`` (B, 1).
+"""
+
+from __future__ import annotations
+
+# Bumped when a reader of the old version would compute something else from a new file.
+FORMAT_VERSION = 1
+
+# Tensor names (the exporter names every input and output itself).
+CHAR_IDS = "char_ids"  # (B, T) int32
+LOGITS = "logits"  # (B, T, V) float32
+NOISE = "sample_noise"  # (B, K, V) float32
+TEMPERATURE = "temperature"  # (B,) float32
+TOP_K = "top_k"  # (B,) int64
+TOP_P = "top_p"  # (B,) float32
+SAMPLED_IDS = "sampled_ids"  # (B, K) int32
+SETTINGS = (TEMPERATURE, TOP_K, TOP_P)
+GENERATION_INPUTS = (NOISE, *SETTINGS)
+# ONNX element type of every fixed input and output (state tensors are all float32).
+DTYPES = {CHAR_IDS: "int32", LOGITS: "float32", NOISE: "float32", TEMPERATURE: "float32",
+          TOP_K: "int64", TOP_P: "float32", SAMPLED_IDS: "int32"}
+
+# The graph divides the logits by max(temperature, GREEDY_TEMPERATURE): temperature 0 is argmax.
+GREEDY_TEMPERATURE = 1e-6
+
+
+def state_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The per-layer state inputs and outputs: [h_0, c_0, h_1, ...], [h_0_out, c_0_out, ...]."""
+    ins = [f"{k}_{i}" for i in range(num_layers) for k in ("h", "c")]
+    return ins, [f"{n}_out" for n in ins]
+
+
+def start_char(chars: tuple[str, ...] | list[str]) -> str:
+    """What an empty prompt is fed: a newline (the model's "start of a paragraph"), else a space,
+    else the first character of the vocabulary. It is not part of the output."""
+    return "\n" if "\n" in chars else " " if " " in chars else chars[0]
+
+
+# Metadata keys (``metadata_props``), each a JSON string.
+META_FORMAT_VERSION = "textgen.format_version"  # str(FORMAT_VERSION)
+META_VOCAB = "textgen.vocab"  # list of the characters, index = id
+META_LOWERCASE = "textgen.lowercase"  # true if the corpus was lowercased (prompts are too)
+META_MODEL_CONFIG = "textgen.model_config"  # ModelConfig
+META_TRAIN_CONFIG = "textgen.train_config"  # TrainConfig (val_fraction, seed, ...)
+META_METRICS = "textgen.metrics"  # metrics of the exported checkpoint (val_loss, val_bpc, epoch, ...)
+META_STATE_INPUTS = "textgen.state_inputs"  # ["h_0", "c_0", ...]
+META_STATE_OUTPUTS = "textgen.state_outputs"  # ["h_0_out", "c_0_out", ...]
+META_STATE_SIZES = "textgen.state_sizes"  # [H_0, H_0, H_1, H_1, ...], one per state input
+META_PARITY = "textgen.parity_max_abs_diff"  # max |logits_keras - logits_onnx| measured at export
+META_GENERATION = "textgen.generation"  # the sampling loop's inputs/output, precision, checks
+META_EXPORTED_AT = "textgen.exported_at"  # ISO 8601 UTC
+METADATA_KEYS = (
+    META_FORMAT_VERSION, META_VOCAB, META_LOWERCASE, META_MODEL_CONFIG, META_TRAIN_CONFIG,
+    META_METRICS, META_STATE_INPUTS, META_STATE_OUTPUTS, META_STATE_SIZES, META_PARITY,
+    META_GENERATION, META_EXPORTED_AT,
+)
+# What a reader cannot do without (the rest is informative). A file with all of these but no
+# META_GENERATION is a step model of an older textgen, without the sampling loop.
+REQUIRED_METADATA = (
+    META_FORMAT_VERSION, META_VOCAB, META_LOWERCASE, META_MODEL_CONFIG, META_STATE_INPUTS,
+    META_STATE_OUTPUTS, META_STATE_SIZES,
+)

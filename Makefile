@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 MINUTES ?= 5
 NAME ?= make-run
 RUNS := $(CURDIR)/runs
-.PHONY: venv run test test-fast bench lock clean
+.PHONY: venv run lint test test-fast bench lock clean
 
 venv: $(STAMP)
 
@@ -34,10 +34,14 @@ run: $(STAMP)
 	@echo "== try: $(BIN)/textgen generate $(RUNS)/$(NAME).onnx --prompt 'the queen ' --temperature 0.7"
 	@echo "==      $(BIN)/textgen serve $(RUNS)/$(NAME).onnx"
 
-test: $(STAMP)
+# Lint (pyflakes, pycodestyle errors, import order; settings in pyproject.toml), then the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest tests
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest tests -m "not slow"
 
 # Benchmarks print JSON lines; figures and commands are recorded in bench/RESULTS.md.

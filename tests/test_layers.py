@@ -44,3 +44,56 @@ def test_serve_leaf_modules_do_not_load_onnxruntime():
 def test_public_import_is_the_generator_without_tensorflow():
     loaded = modules_loaded_by("from textgen import Generator\nassert Generator.__module__ == 'serve.generator'")
     assert "onnxruntime" in loaded and "tensorflow" not in loaded and "keras" not in loaded
+
+
+# The import order, bottom first. A module may import its own rank or below, never above. The
+# checkpoint layout sits under the loop that writes it (and the Ray job that reports it); the CLIs
+# (textgen.cli and the front ends it delegates to) sit on top of everything.
+RANKS = [
+    ("textgen.errors", "textgen.contract", "textgen.files", "textgen.text"),
+    ("textgen.config",),
+    ("textgen.windows",),
+    ("textgen.model",),
+    ("textgen.checkpoint", "textgen.runs"),
+    ("textgen.train",),
+    ("jobs.train", "jobs.__main__"),
+    ("export.generation",),
+    ("export.onnx",),
+    ("serve.params", "serve.sampling"),
+    ("serve.onnx_model",),
+    ("serve.decode",),
+    ("serve.generator",),
+    ("serve.engine",),
+    ("serve.http",),
+    ("serve.ray_serve",),
+    ("export.cli", "serve.cli"),
+    ("textgen.cli", "textgen.__main__"),
+]
+RANK = {m: r for r, mods in enumerate(RANKS) for m in mods}
+
+
+def imports_of(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_every_import_points_down():
+    wrong = []
+    for pkg in ("textgen", "jobs", "export", "serve"):
+        for path in sorted((REPO / pkg).glob("*.py")):
+            if path.stem == "__init__":  # packages: lazy re-exports for embedders, not layers
+                continue
+            module = f"{pkg}.{path.stem}"
+            assert module in RANK, f"{module} has no place in tests/test_layers.py RANKS"
+            for target in imports_of(path):
+                if target in RANK and RANK[target] > RANK[module]:
+                    wrong.append(f"{module} imports {target}")
+    assert wrong == []

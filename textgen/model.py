@@ -8,15 +8,15 @@ batch and time, so a prompt is consumed in one call and single characters after 
 ``notebook`` kind (the notebook): scaled_ids (B, T, 1) float32 -> N x [LSTM -> Dropout] (the last LSTM
 returns only its final output) -> Dense softmax probabilities (B, V).
 
-Every LSTM keeps the settings under which Keras 3 takes the cuDNN kernel on GPU (FACTS.md):
-tanh / sigmoid activations, no recurrent dropout, not unrolled, with bias, no mask.
+Every LSTM keeps the settings under which Keras 3 takes the cuDNN kernel on GPU: tanh / sigmoid
+activations, no recurrent dropout, not unrolled, with bias, no mask (``cudnn_problems`` checks them).
 """
 
 from __future__ import annotations
 
 import keras
 
-from textgen.config import CHAR, ModelConfig
+from textgen.config import CHAR, NOTEBOOK, ModelConfig
 from textgen.contract import CHAR_IDS, LOGITS, state_names
 
 
@@ -41,20 +41,27 @@ def _lstm(units: int, index: int, dtype: str | None, **kwargs) -> keras.layers.L
 
 def build_model(cfg: ModelConfig, vocab_size: int, mixed_precision: bool = False) -> keras.Model:
     """The training model: logits (B, T, V) for ``char``, probabilities (B, V) for ``notebook``."""
-    dtype = _policy(mixed_precision)
-    n = len(cfg.lstm_units)
-    if cfg.kind == CHAR:
-        ids = keras.Input((None,), dtype="int32", name=CHAR_IDS)
-        x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding", dtype=dtype)(ids)
-        for i, units in enumerate(cfg.lstm_units):
-            x = _lstm(units, i, dtype, return_sequences=True)(x)
-            x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
-        out = keras.layers.Dense(vocab_size, name=LOGITS, dtype="float32")(x)
-        return keras.Model(ids, out, name="textgen_char")
+    build = _notebook_model if cfg.kind == NOTEBOOK else _char_model
+    return build(cfg, vocab_size, _policy(mixed_precision))
+
+
+def _char_model(cfg: ModelConfig, vocab_size: int, dtype: str | None) -> keras.Model:
+    ids = keras.Input((None,), dtype="int32", name=CHAR_IDS)
+    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding", dtype=dtype)(ids)
+    for i, units in enumerate(cfg.lstm_units):
+        x = _lstm(units, i, dtype, return_sequences=True)(x)
+        x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    out = keras.layers.Dense(vocab_size, name=LOGITS, dtype="float32")(x)
+    return keras.Model(ids, out, name="textgen_char")
+
+
+def _notebook_model(cfg: ModelConfig, vocab_size: int, dtype: str | None) -> keras.Model:
+    """The notebook's model, kept for comparisons: the last LSTM returns only its final output."""
     scaled = keras.Input((cfg.seq_len, 1), dtype="float32", name="scaled_ids")
     x = scaled
+    last = len(cfg.lstm_units) - 1
     for i, units in enumerate(cfg.lstm_units):
-        x = _lstm(units, i, dtype, return_sequences=i < n - 1)(x)
+        x = _lstm(units, i, dtype, return_sequences=i < last)(x)
         x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
     out = keras.layers.Dense(vocab_size, activation="softmax", name="probs", dtype="float32")(x)
     return keras.Model(scaled, out, name="textgen_notebook")

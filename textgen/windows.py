@@ -7,7 +7,8 @@ The ``notebook`` kind reproduces the notebook: stride-1 windows, the input scale
 feature, and one target (the character after the window).
 
 Windows are never materialised: a batch is a matrix of window *start* positions, turned into ids by
-one vectorised gather (B, seq_len + 1). Per-element windowing (``Dataset.window``) is 30x slower.
+one vectorised gather (B, seq_len + 1): per-element windowing (``Dataset.window``) spends its time
+on per-window overhead (bench/pipeline.py compares the two).
 
 Sharding is explicit and exact. A global batch of ``G`` windows is cut into
 ``shard.count * shard.replicas`` equal parts: pipeline ``shard.index`` yields its ``shard.replicas``
@@ -19,11 +20,12 @@ step is exactly the global batch a single process would see.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from textgen.config import CHAR, ModelConfig
+from textgen.config import NOTEBOOK, ModelConfig
 from textgen.errors import TextgenError
 
 
@@ -51,23 +53,48 @@ def per_replica_batch(global_batch: int, shard: Shard) -> int:
     return global_batch // shard.parts
 
 
+@dataclass(frozen=True)
+class WindowRule:
+    """How one model kind cuts the id array into windows and a window into (input, target)."""
+
+    stride: int  # distance between two window starts
+    moving_offset: bool  # training windows start at a fresh random offset in [0, stride) every epoch
+    targets: int  # target characters per window
+    split: Callable[[tf.Tensor, int], tuple[tf.Tensor, tf.Tensor]]  # (b, L+1) ids, vocab size -> x, y
+
+
+def _next_id_split(w: tf.Tensor, vocab_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    return w[:, :-1], w[:, 1:]  # (b, L), (b, L): every position predicts the id after it
+
+
+def _notebook_split(w: tf.Tensor, vocab_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    x = tf.cast(w[:, :-1], tf.float32)[..., None] / float(vocab_size)  # (b, L, 1) in [0, 1)
+    return x, w[:, -1]  # (b, L, 1), (b,): only the character after the window
+
+
+def window_rule(cfg: ModelConfig) -> WindowRule:
+    """The one place that knows how each model kind is windowed."""
+    if cfg.kind == NOTEBOOK:
+        return WindowRule(stride=1, moving_offset=False, targets=1, split=_notebook_split)
+    return WindowRule(stride=cfg.seq_len, moving_offset=True, targets=cfg.seq_len, split=_next_id_split)
+
+
+def _starts(n_ids: int, cfg: ModelConfig, offset: int = 0) -> np.ndarray:
+    """Start positions from ``offset`` on, one stride apart, of every window that fits. (N,) int64"""
+    return np.arange(offset, n_ids - cfg.seq_len, window_rule(cfg).stride, dtype=np.int64)
+
+
 def train_starts(n_ids: int, cfg: ModelConfig, epoch: int, seed: int) -> np.ndarray:
     """Start positions of this epoch's training windows, shuffled. (N,) int64."""
     rng = np.random.default_rng([seed, epoch])
-    window = cfg.seq_len + 1
-    if cfg.kind == CHAR:
-        offset = int(rng.integers(cfg.seq_len))  # moves the window boundaries every epoch
-        n = (n_ids - offset - 1) // cfg.seq_len
-        starts = offset + cfg.seq_len * np.arange(n, dtype=np.int64)
-    else:
-        starts = np.arange(n_ids - window + 1, dtype=np.int64)
-    return rng.permutation(starts)
+    rule = window_rule(cfg)
+    offset = int(rng.integers(rule.stride)) if rule.moving_offset else 0  # moves the window boundaries
+    return rng.permutation(_starts(n_ids, cfg, offset))
 
 
 def val_starts(n_ids: int, cfg: ModelConfig) -> np.ndarray:
     """Start positions of the validation windows: deterministic, from the first character. (N,)"""
-    stride = cfg.seq_len if cfg.kind == CHAR else 1
-    return np.arange(0, n_ids - cfg.seq_len, stride, dtype=np.int64)
+    return _starts(n_ids, cfg)
 
 
 def val_steps(n_ids: int, cfg: ModelConfig, global_batch: int) -> int:
@@ -76,7 +103,7 @@ def val_steps(n_ids: int, cfg: ModelConfig, global_batch: int) -> int:
 
 def steps_per_epoch(n_ids: int, cfg: ModelConfig, global_batch: int) -> int:
     """Training steps per epoch; the count is the same every epoch (the smallest over offsets)."""
-    n_windows = (n_ids - cfg.seq_len) // cfg.seq_len if cfg.kind == CHAR else n_ids - cfg.seq_len
+    n_windows = (n_ids - cfg.seq_len) // window_rule(cfg).stride
     steps = n_windows // global_batch
     if steps < 1:
         raise WindowError(
@@ -95,15 +122,12 @@ def _to_batches(starts: np.ndarray, steps: int, global_batch: int, shard: Shard)
 
 def _split_fn(cfg: ModelConfig, vocab_size: int, ids: tf.Tensor):
     offsets = tf.range(cfg.seq_len + 1, dtype=tf.int64)
+    split = window_rule(cfg).split
 
-    def split(starts):  # (b,) -> x, y
-        w = tf.gather(ids, starts[:, None] + offsets)  # (b, L+1)
-        if cfg.kind == CHAR:
-            return w[:, :-1], w[:, 1:]  # (b, L), (b, L)
-        x = tf.cast(w[:, :-1], tf.float32)[..., None] / float(vocab_size)  # (b, L, 1) in [0, 1)
-        return x, w[:, -1]  # (b, L, 1), (b,)
+    def window_split(starts):  # (b,) -> x, y
+        return split(tf.gather(ids, starts[:, None] + offsets), vocab_size)  # from (b, L+1) ids
 
-    return split
+    return window_split
 
 
 def _options() -> tf.data.Options:
@@ -162,4 +186,4 @@ def val_dataset(
 
 def targets_per_window(cfg: ModelConfig) -> int:
     """Characters of training target per window: seq_len for ``char``, 1 for ``notebook``."""
-    return cfg.seq_len if cfg.kind == CHAR else 1
+    return window_rule(cfg).targets

@@ -209,12 +209,13 @@ class _Calls:
         self.state_sizes = _state_sizes(ckpt)
         self.vocab_size = ckpt.vocab.size
 
-    def __call__(self, ids, state=None, steps: int = 0, **gen) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    def __call__(self, ids, state=None, steps: int = 0, noise=None, temperature=1.0,
+                 **filters) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         state = state or [np.zeros((len(ids), h), np.float32) for h in self.state_sizes]
-        if "noise" not in gen and np.all(np.asarray(gen.get("temperature", 1.0)) > 0):
-            gen["noise"] = self.rng.gumbel(size=(len(ids), steps, self.vocab_size))
+        if noise is None and np.all(np.asarray(temperature) > 0):
+            noise = self.rng.gumbel(size=(len(ids), steps, self.vocab_size))
         feed = {CHAR_IDS: ids, **dict(zip(self.state_inputs, state)),
-                **generation_feed(len(ids), steps, self.vocab_size, **gen)}
+                **generation_feed(len(ids), steps, self.vocab_size, noise, temperature, **filters)}
         out = self.session.run(None, feed)
         return out[0], out[1:-1], out[-1]
 
@@ -358,7 +359,7 @@ def _check_chunks(call: _Calls, states: np.ndarray) -> str | None:
     """One call of 12 steps must equal two calls of 6 with the pending id carried over, ids and state,
     with and without filters. Returns the problem, if any."""
     equal = True
-    for filters in ({}, {"top_k": 10, "top_p": 0.9}):
+    for filters in ({}, dict(top_k=10, top_p=0.9)):
         noise = call.rng.gumbel(size=(4, 12, call.vocab_size))
         ids4 = states[:4]
         _, whole_state, whole = call(ids4, steps=12, noise=noise, temperature=0.8, **filters)
@@ -380,9 +381,9 @@ class _MixedBatch:
 
 
 def _mixed_batch(call: _Calls, states: np.ndarray) -> _MixedBatch:
-    settings = dict(temperature=np.array([0.8, 0.0, 1.3, 0.7]), top_k=np.array([0, 0, 5, 0]),
-                    top_p=np.array([1.0, 1.0, 0.9, 0.8]))
-    noise = call.rng.gumbel(size=(4, 24, call.vocab_size)) * (settings["temperature"] > 0)[:, None, None]
+    temperature = np.array([0.8, 0.0, 1.3, 0.7])
+    settings = dict(temperature=temperature, top_k=np.array([0, 0, 5, 0]), top_p=np.array([1.0, 1.0, 0.9, 0.8]))
+    noise = call.rng.gumbel(size=(4, 24, call.vocab_size)) * (temperature > 0)[:, None, None]
     _, state, ids = call(states[:4], steps=24, noise=noise, **settings)
     return _MixedBatch(settings, noise, ids, state)
 

@@ -225,6 +225,27 @@ def test_one_call_equals_chunks_rows_alone_and_a_prefilled_prompt(small_onnx, fp
 
 
 # ---------------------------------------------------------------------------------------------
+# The layers
+
+
+def test_export_imports_no_serve_and_names_tensors_from_the_contract():
+    """export/ sits below serve/ (it uses textgen.contract.GREEDY_TEMPERATURE, not serve's), and every
+    tensor name of the contract comes from textgen.contract, never a string literal of its own."""
+    import ast
+
+    from textgen import contract
+
+    names = {contract.CHAR_IDS, contract.LOGITS, contract.SAMPLED_IDS, *contract.GENERATION_INPUTS}
+    for path in sorted((Path(__file__).resolve().parents[1] / "export").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        assert not [m for m in imported if m == "serve" or m.startswith("serve.")], path
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not literals & names, (path, literals & names)
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals
 
 

@@ -69,3 +69,23 @@ def test_step_model_matches_training_model_and_carries_state():
     first = step([ids[:, :4], *zeros])
     second = step([ids[:, 4:], *(np.asarray(s) for s in first[1:])])
     np.testing.assert_allclose(np.concatenate([first[0], second[0]], axis=1), full[0], atol=1e-5)
+
+
+def test_window_loss_mean_and_sum_per_kind():
+    import tensorflow as tf
+
+    from textgen.config import CHAR, NOTEBOOK
+    from textgen.train import window_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    y = rng.integers(0, 7, (3, 5))
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_p, y[..., None], -1)[..., 0]  # (3, 5)
+    np.testing.assert_allclose(window_loss(CHAR, y, logits), ce.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(window_loss(CHAR, y, logits, "sum"), ce.sum(-1), rtol=1e-5)
+    probs = tf.nn.softmax(logits[:, 0]).numpy()  # the notebook kind: probabilities, one target
+    for reduction in ("mean", "sum"):
+        np.testing.assert_allclose(window_loss(NOTEBOOK, y[:, 0], probs, reduction), ce[:, 0], rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        window_loss(CHAR, y, logits, "max")

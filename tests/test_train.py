@@ -77,3 +77,16 @@ def test_user_mistakes_exit_2_with_a_message(tmp_path, extra, message):
 def test_resume_without_a_run(tmp_path):
     code, _, stderr = run_cli(["train", "--preset", "small", "--out", str(tmp_path / "r"), "--resume"])
     assert code == 2 and "nothing to resume" in stderr
+
+
+def test_divergence_is_a_failed_run_exit_1_without_traceback(tmp_path):
+    from textgen.errors import RunFailed
+    from textgen.train import TrainingError
+
+    assert issubclass(TrainingError, RunFailed)
+    code, _, stderr = run_cli(["train", "--preset", "small", "--out", str(tmp_path / "r"), "--no-progress",
+                               "--epochs", "1", "--learning-rate", "1e38"])
+    assert code == 1, stderr
+    said = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and "training loss became" in said[0] and "--resume continues" in said[0], stderr
+    assert "Traceback" not in stderr

@@ -1,27 +1,29 @@
 """The training loop: a custom ``strategy.run`` loop that works under any tf.distribute strategy.
 
-Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with several workers (FACTS.md), so the
-loop is written out: ``tf.GradientTape`` inside ``strategy.run``, the loss averaged over the *global*
-batch, Adam with gradient clipping, exact validation loss (a sum over every held-out window, reduced
-over replicas), best checkpoint by validation loss, early stopping, and a wall-clock budget that all
+Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with several workers, so the loop is
+written out: ``tf.GradientTape`` inside ``strategy.run``, the loss averaged over the *global* batch,
+Adam with gradient clipping, exact validation loss (a sum over every held-out window, reduced over
+replicas), best checkpoint by validation loss, early stopping, and a wall-clock budget that all
 workers agree on. It knows nothing about Ray: where checkpoints go is the ``sink``'s business.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from textgen import checkpoint as ckptlib
-from textgen.config import CHAR, ModelConfig, TrainConfig
-from textgen.errors import TextgenError
+from textgen.config import NOTEBOOK, ModelConfig, TrainConfig
+from textgen.errors import RunFailed
+from textgen.files import atomic_write
 from textgen.model import build_model
 from textgen.text import Vocab, load_corpus, split_ids
 from textgen.windows import (
@@ -37,8 +39,8 @@ from textgen.windows import (
 LN2 = math.log(2.0)
 
 
-class TrainingError(TextgenError):
-    pass
+class TrainingError(RunFailed):
+    """The training loss became non-finite: the run diverged (its input was fine)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ class RunState:
             "history": self.history,
         }
 
+    def record(self, epoch: int, val_loss: float) -> bool:
+        """Count a finished epoch; True when its validation loss is the best so far."""
+        self.epoch = epoch
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
     @classmethod
     def from_checkpoint(cls, ckpt: ckptlib.Checkpoint) -> RunState:
         s = ckpt.state
@@ -115,21 +127,53 @@ def make_optimizer(cfg: TrainConfig, num_replicas: int) -> keras.optimizers.Opti
     return opt
 
 
-def _per_example_loss(kind: str, y, out):
-    """(B,) loss per window: mean over positions for ``char``, the single target for ``notebook``."""
-    if kind == CHAR:
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, tf.int32), out)  # (B, T)
-        return tf.reduce_mean(ce, axis=-1)
-    return keras.losses.sparse_categorical_crossentropy(y, out)  # (B,)
+Reduction = Literal["mean", "sum"]
 
 
-def _summed_loss(kind: str, y, out):
-    """(B,) loss summed over every target of the window (for exact per-character averages)."""
-    if kind == CHAR:
-        return tf.reduce_sum(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, tf.int32), out), axis=-1
-        )
-    return keras.losses.sparse_categorical_crossentropy(y, out)
+def _cross_entropy(kind: str, y, out):
+    """(B, targets) cross-entropy of every target of every window."""
+    if kind == NOTEBOOK:  # probabilities (B, V), the one character after the window (B,)
+        return keras.losses.sparse_categorical_crossentropy(y, out)[:, None]
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, tf.int32), out)  # logits (B, T, V)
+
+
+def window_loss(kind: str, y, out, reduction: Reduction = "mean"):
+    """(B,) loss per window: the mean over its targets (training), or their sum (exact per-character
+    validation averages)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    reduce = tf.reduce_mean if reduction == "mean" else tf.reduce_sum
+    return reduce(_cross_entropy(kind, y, out), axis=-1)
+
+
+def _train_replica_fn(model, optimizer, kind: str, global_batch: int, mixed: bool):
+    def train_replica(x, y):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = tf.nn.compute_average_loss(window_loss(kind, y, out), global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss) if mixed else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return train_replica
+
+
+def _replica_spread_fn(model, strategy):
+    # Data parallelism must keep every replica's weights identical. A float64 sum of squares per
+    # replica, gathered from all of them: max - min is 0.0 when they agree (checked every epoch and
+    # reported, so a diverged replica cannot go unnoticed).
+    def fingerprint():
+        return tf.reshape(tf.add_n([
+            tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in model.trainable_variables
+        ]), [1])
+
+    @tf.function
+    def replica_spread():
+        every = strategy.gather(strategy.run(fingerprint), axis=0)
+        return tf.reduce_max(every) - tf.reduce_min(every)
+
+    return replica_spread
 
 
 class Steps:
@@ -137,54 +181,30 @@ class Steps:
 
     def __init__(self, model, optimizer, strategy, kind: str, global_batch: int, mixed: bool):
         self.strategy = strategy
-
-        def train_replica(x, y):
-            with tf.GradientTape() as tape:
-                out = model(x, training=True)
-                loss = tf.nn.compute_average_loss(
-                    _per_example_loss(kind, y, out), global_batch_size=global_batch
-                )
-                scaled = optimizer.scale_loss(loss) if mixed else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
+        sum_ = tf.distribute.ReduceOp.SUM
+        train_replica = _train_replica_fn(model, optimizer, kind, global_batch, mixed)
 
         def val_replica(x, y, w):
             out = model(x, training=False)
-            return tf.reduce_sum(_summed_loss(kind, y, out) * w), tf.reduce_sum(w)
+            return tf.reduce_sum(window_loss(kind, y, out, "sum") * w), tf.reduce_sum(w)
 
         @tf.function
         def train_step(iterator):
-            loss = strategy.run(train_replica, args=next(iterator))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            return strategy.reduce(sum_, strategy.run(train_replica, args=next(iterator)), axis=None)
 
         @tf.function
         def val_step(iterator):
             total, count = strategy.run(val_replica, args=next(iterator))
-            sum_ = tf.distribute.ReduceOp.SUM
             return strategy.reduce(sum_, total, axis=None), strategy.reduce(sum_, count, axis=None)
 
         @tf.function
         def any_true(flag):
             # Every worker must stop at the same step or the next all-reduce hangs: stop if any says so.
             per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0
-
-        @tf.function
-        def replica_spread():
-            # Data parallelism must keep every replica's weights identical. A float64 sum of squares
-            # per replica, gathered from all of them: max - min is 0.0 when they agree (checked
-            # every epoch and reported, so a diverged replica cannot go unnoticed).
-            def fingerprint():
-                return tf.reshape(tf.add_n([
-                    tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in model.trainable_variables
-                ]), [1])
-
-            every = strategy.gather(strategy.run(fingerprint), axis=0)
-            return tf.reduce_max(every) - tf.reduce_min(every)
+            return strategy.reduce(sum_, per_replica, axis=None) > 0
 
         self.train_step, self.val_step, self.any_true = train_step, val_step, any_true
-        self.replica_spread = replica_spread
+        self.replica_spread = _replica_spread_fn(model, strategy)
 
 
 def _distribute(strategy, make: Callable[[Shard], tf.data.Dataset]):
@@ -212,6 +232,167 @@ class Summary:
         return d
 
 
+@dataclass
+class Loop:
+    """Everything one run's epochs share: configs, data, model, optimizer, compiled steps, clock."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    data: TrainData
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    steps: Steps
+    t_start: float
+    val_ds: Any = None  # built once, after the first training epoch has traced the train step
+
+    @property
+    def n_steps(self) -> int:
+        return steps_per_epoch(len(self.data.train_ids), self.model_cfg, self.train_cfg.batch_size)
+
+    @property
+    def chars_per_step(self) -> int:
+        return self.train_cfg.batch_size * targets_per_window(self.model_cfg)
+
+    def out_of_time(self) -> bool:
+        """Whether the wall-clock budget is spent, agreed by every worker (a collective call when
+        there is a budget: every worker calls it at the same points)."""
+        if self.train_cfg.max_minutes is None:
+            return False
+        late = time.monotonic() - self.t_start > self.train_cfg.max_minutes * 60.0
+        return bool(self.steps.any_true(tf.constant(late)))
+
+    def train_batches(self, epoch: int):
+        """This epoch's training batches, distributed over the replicas."""
+        d, gb = self.data, self.train_cfg.batch_size
+        return _distribute(self.strategy, lambda shard: train_dataset(
+            d.train_ids, self.model_cfg, d.vocab.size, gb, epoch, self.train_cfg.seed, shard))
+
+    def val_batches(self):
+        """Every validation window, distributed over the replicas (built once)."""
+        if self.val_ds is None:
+            d, gb = self.data, self.train_cfg.batch_size
+            self.val_ds = _distribute(self.strategy, lambda shard: val_dataset(
+                d.val_ids, self.model_cfg, d.vocab.size, gb, shard)[0])
+        return self.val_ds
+
+    def saver(self, metrics: dict[str, Any], state: RunState) -> Callable[[Path], Path]:
+        """Writes this epoch's checkpoint where the sink asks."""
+        snapshot = state.to_dict(self.train_cfg.seed)
+
+        def save(path: Path) -> Path:
+            return ckptlib.save_checkpoint(path, self.model, self.optimizer, self.model_cfg, self.train_cfg,
+                                           self.data.vocab, metrics, snapshot)
+
+        return save
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    loss_sum: float  # summed over the steps (each the global-batch mean loss)
+    steps: int
+    time_s: float
+    out_of_time: bool  # the budget ran out before the last step
+
+
+def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, strategy, t_start: float,
+           resume_from: ckptlib.Checkpoint | None, log: Callable[[str], None]) -> tuple[Loop, RunState]:
+    """Model, optimizer and run state inside the strategy's scope, restored from ``resume_from``."""
+    n_replicas = strategy.num_replicas_in_sync
+    per_replica_batch(train_cfg.batch_size, Shard(0, 1, n_replicas))  # clear error if not divisible
+    keras.utils.set_random_seed(train_cfg.seed)
+    with strategy.scope():
+        model = build_model(model_cfg, data.vocab.size, mixed_precision=train_cfg.mixed_precision)
+        optimizer = make_optimizer(train_cfg, n_replicas)
+        optimizer.build(model.trainable_variables)
+        state = RunState()
+        if resume_from is not None:
+            ckptlib.load_weights_into(model, resume_from)
+            if resume_from.has_optimizer:
+                ckptlib.restore_optimizer(resume_from, optimizer, model.trainable_variables)
+            state = RunState.from_checkpoint(resume_from)
+            log(f"resumed from {resume_from.path} after epoch {state.epoch} "
+                f"(best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch})")
+    steps = Steps(model, optimizer, strategy, model_cfg.kind, train_cfg.batch_size, train_cfg.mixed_precision)
+    return Loop(model_cfg, train_cfg, data, strategy, model, optimizer, steps, t_start), state
+
+
+def train_epoch(loop: Loop, epoch: int, progress: bool) -> EpochResult:
+    """One epoch of training steps, or fewer when the budget runs out; a non-finite loss raises
+    ``TrainingError``."""
+    it = iter(loop.train_batches(epoch))
+    n_steps = loop.n_steps
+    bar = _progress(progress, n_steps, epoch, loop.train_cfg.epochs)
+    t0 = time.monotonic()
+    loss_sum, done, out_of_time = 0.0, 0, False
+    for _ in range(n_steps):
+        loss = float(loop.steps.train_step(it))
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"training loss became {loss} at epoch {epoch}; lower --learning-rate or --clipnorm "
+                "(the last good epoch is saved; --resume continues from it)"
+            )
+        loss_sum += loss
+        done += 1
+        if bar is not None:
+            _show_progress(bar, done, n_steps, loss_sum, done * loop.chars_per_step / (time.monotonic() - t0))
+        if loop.out_of_time():
+            out_of_time = True
+            break
+    if bar is not None:
+        bar.close()
+    return EpochResult(loss_sum, done, time.monotonic() - t0, out_of_time)
+
+
+def validate(loop: Loop) -> float:
+    """Mean loss per target character over every validation window (nats)."""
+    it = iter(loop.val_batches())
+    total, count = 0.0, 0.0
+    for _ in range(val_steps(len(loop.data.val_ids), loop.model_cfg, loop.train_cfg.batch_size)):
+        t, c = loop.steps.val_step(it)
+        total += float(t)
+        count += float(c)
+    return total / (count * targets_per_window(loop.model_cfg))
+
+
+def epoch_metrics(loop: Loop, epoch: int, result: EpochResult, val_loss: float, state: RunState) -> dict[str, Any]:
+    """What one epoch reports (metrics.jsonl, metrics.json, Ray), after ``state`` has recorded it."""
+    return {
+        "epoch": epoch,
+        "loss": result.loss_sum / max(result.steps, 1),
+        "val_loss": val_loss,
+        "val_bpc": val_loss / LN2,
+        "chars_per_s": result.steps * loop.chars_per_step / max(result.time_s, 1e-9),
+        "steps": result.steps,
+        "partial": result.steps < loop.n_steps,
+        "epoch_time_s": result.time_s,
+        "elapsed_s": time.monotonic() - loop.t_start,
+        "best_val_loss": state.best_val_loss,
+        "best_epoch": state.best_epoch,
+        "replicas": loop.strategy.num_replicas_in_sync,
+        "replica_weight_spread": float(loop.steps.replica_spread()),
+    }
+
+
+def _epoch_line(metrics: dict[str, Any], epochs: int, improved: bool) -> str:
+    return (
+        f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.4f}, val_loss {metrics['val_loss']:.4f} "
+        f"nats ({metrics['val_bpc']:.3f} bpc), {metrics['chars_per_s']:,.0f} chars/s"
+        + (" [best]" if improved else "")
+    )
+
+
+def _stop_reason(loop: Loop, state: RunState, result: EpochResult | None = None) -> str:
+    """Why training stops after this epoch, or "epochs" while it goes on (or ran all its epochs)."""
+    if result is not None and result.out_of_time:
+        return "max_minutes"
+    if state.bad_epochs >= loop.train_cfg.patience:
+        return "early_stopping"
+    if result is not None and loop.out_of_time():
+        return "max_minutes"
+    return "epochs"
+
+
 def fit(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -226,122 +407,23 @@ def fit(
 ) -> Summary:
     """Train until ``epochs``, early stopping or the wall-clock budget; report every epoch to ``sink``."""
     t_start = time.monotonic()
-    strategy = strategy or default_strategy()
-    n_replicas = strategy.num_replicas_in_sync
-    gb = train_cfg.batch_size
-    per_replica_batch(gb, Shard(0, 1, n_replicas))  # clear error if not divisible
-    keras.utils.set_random_seed(train_cfg.seed)
-    vocab_size = data.vocab.size
-
-    with strategy.scope():
-        model = build_model(model_cfg, vocab_size, mixed_precision=train_cfg.mixed_precision)
-        optimizer = make_optimizer(train_cfg, n_replicas)
-        optimizer.build(model.trainable_variables)
-        state = RunState()
-        if resume_from is not None:
-            ckptlib.load_weights_into(model, resume_from)
-            if resume_from.has_optimizer:
-                ckptlib.restore_optimizer(resume_from, optimizer, model.trainable_variables)
-            state = RunState.from_checkpoint(resume_from)
-            log(f"resumed from {resume_from.path} after epoch {state.epoch} "
-                f"(best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch})")
-    steps = Steps(model, optimizer, strategy, model_cfg.kind, gb, train_cfg.mixed_precision)
-    n_steps = steps_per_epoch(len(data.train_ids), model_cfg, gb)
-    chars_per_step = gb * targets_per_window(model_cfg)
-    budget_s = None if train_cfg.max_minutes is None else train_cfg.max_minutes * 60.0
-    n_val_steps = val_steps(len(data.val_ids), model_cfg, gb)
-    val_ds = None  # built once, after the first training epoch has traced the train step
-
-    def out_of_time() -> bool:
-        return budget_s is not None and time.monotonic() - t_start > budget_s
-
-    stopped_by = "epochs"
+    loop, state = _build(model_cfg, train_cfg, data, strategy or default_strategy(), t_start, resume_from, log)
     train_time, train_chars = 0.0, 0
-    if state.bad_epochs >= train_cfg.patience:
-        stopped_by = "early_stopping"
+    stopped_by = _stop_reason(loop, state)
     while stopped_by == "epochs" and state.epoch < train_cfg.epochs:
         epoch = state.epoch + 1
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        ds = _distribute(
-            strategy,
-            lambda shard: train_dataset(
-                data.train_ids, model_cfg, vocab_size, gb, epoch, train_cfg.seed, shard
-            ),
-        )
-        it = iter(ds)
-        bar = _progress(progress, n_steps, epoch, train_cfg.epochs)
-        t0 = time.monotonic()
-        loss_sum, done = 0.0, 0
-        for _ in range(n_steps):
-            loss = float(steps.train_step(it))
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"training loss became {loss} at epoch {epoch}; lower --learning-rate or --clipnorm "
-                    "(the last good epoch is saved; --resume continues from it)"
-                )
-            loss_sum += loss
-            done += 1
-            if bar is not None:
-                bar.update(1)
-                if done % 10 == 0 or done == n_steps:
-                    rate = done * chars_per_step / (time.monotonic() - t0)
-                    bar.set_postfix(loss=f"{loss_sum / done:.3f}", chars_s=f"{rate:,.0f}", refresh=False)
-            if budget_s is not None and bool(steps.any_true(tf.constant(out_of_time()))):
-                stopped_by = "max_minutes"
-                break
-        if bar is not None:
-            bar.close()
-        epoch_time = time.monotonic() - t0
-        train_time += epoch_time
-        train_chars += done * chars_per_step
-
-        if val_ds is None:
-            val_ds = _distribute(
-                strategy, lambda shard: val_dataset(data.val_ids, model_cfg, vocab_size, gb, shard)[0]
-            )
-        val_loss = _evaluate(steps, val_ds, n_val_steps, targets_per_window(model_cfg))
-
-        improved = val_loss < state.best_val_loss
-        state.epoch = epoch
-        if improved:
-            state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-        else:
-            state.bad_epochs += 1
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_sum / max(done, 1),
-            "val_loss": val_loss,
-            "val_bpc": val_loss / LN2,
-            "chars_per_s": done * chars_per_step / max(epoch_time, 1e-9),
-            "steps": done,
-            "partial": done < n_steps,
-            "epoch_time_s": epoch_time,
-            "elapsed_s": time.monotonic() - t_start,
-            "best_val_loss": state.best_val_loss,
-            "best_epoch": state.best_epoch,
-            "replicas": n_replicas,
-            "replica_weight_spread": float(steps.replica_spread()),
-        }
+        result = train_epoch(loop, epoch, progress)
+        train_time += result.time_s
+        train_chars += result.steps * loop.chars_per_step
+        val_loss = validate(loop)
+        improved = state.record(epoch, val_loss)
+        metrics = epoch_metrics(loop, epoch, result, val_loss, state)
         state.history.append(metrics)
-        log(
-            f"epoch {epoch}/{train_cfg.epochs}: loss {metrics['loss']:.4f}, val_loss {val_loss:.4f} nats "
-            f"({metrics['val_bpc']:.3f} bpc), {metrics['chars_per_s']:,.0f} chars/s"
-            + (" [best]" if improved else "")
-        )
-
-        def save(path: Path, metrics=metrics) -> Path:
-            return ckptlib.save_checkpoint(
-                path, model, optimizer, model_cfg, train_cfg, data.vocab,
-                {**metrics, "history": state.history}, state.to_dict(train_cfg.seed),
-            )
-
-        sink.epoch_end(metrics, save, improved)
-        if stopped_by == "epochs" and state.bad_epochs >= train_cfg.patience:
-            stopped_by = "early_stopping"
-        elif stopped_by == "epochs" and budget_s is not None and bool(steps.any_true(tf.constant(out_of_time()))):
-            stopped_by = "max_minutes"
-
+        log(_epoch_line(metrics, train_cfg.epochs, improved))
+        sink.epoch_end(metrics, loop.saver(metrics, state), improved)
+        stopped_by = _stop_reason(loop, state, result)
     return Summary(
         best_val_loss=state.best_val_loss,
         best_val_bpc=state.best_val_loss / LN2,
@@ -354,17 +436,6 @@ def fit(
     )
 
 
-def _evaluate(steps: Steps, val_ds, val_steps: int, targets: int) -> float:
-    """Mean loss per target character over every validation window (nats)."""
-    it = iter(val_ds)
-    total, count = 0.0, 0.0
-    for _ in range(val_steps):
-        t, c = steps.val_step(it)
-        total += float(t)
-        count += float(c)
-    return total / (count * targets)
-
-
 def _progress(enabled: bool, total: int, epoch: int, epochs: int):
     if not enabled:
         return None
@@ -372,6 +443,12 @@ def _progress(enabled: bool, total: int, epoch: int, epochs: int):
 
     # disable=None: a bar on a terminal, none in logs (the per-epoch line is printed either way).
     return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, mininterval=1.0, disable=None)
+
+
+def _show_progress(bar, done: int, total: int, loss_sum: float, chars_per_s: float) -> None:
+    bar.update(1)
+    if done % 10 == 0 or done == total:
+        bar.set_postfix(loss=f"{loss_sum / done:.3f}", chars_s=f"{chars_per_s:,.0f}", refresh=False)
 
 
 class LocalSink:
@@ -429,8 +506,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, png.getvalue())

@@ -5,12 +5,15 @@
       optimizer.weights.h5  Adam state, one dataset per optimizer variable (for resume)
       config.json           {"format_version", "model": ModelConfig, "train": TrainConfig}
       vocab.json            {"format_version", "chars": [...]}
-      metrics.json          metrics of the epoch that wrote it, plus the history so far
-      state.json            what resume needs: epoch, best_val_loss, best_epoch, seed, ...
+      metrics.json          metrics of the epoch that wrote it
+      state.json            what resume needs: epoch, best_val_loss, best_epoch, seed, ..., and the
+                            history (every epoch's metrics so far)
       manifest.json         sha256 and size of every file above; written last
 
-A checkpoint is written to a temporary sibling directory and renamed into place, so a reader sees
-either the old checkpoint or the new one, never half of one. The manifest catches files damaged
+A checkpoint is written to a temporary sibling directory, its files and the directory are fsynced,
+and it is renamed into place, so a reader sees either the old checkpoint or the new one, never half
+of one. (Checkpoints written before the history moved to state.json carry it in metrics.json too;
+``load_checkpoint`` drops that copy.) The manifest catches files damaged
 after writing (truncated copies, bit rot) with a message that names the file.
 """
 
@@ -20,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from textgen import config as cfglib
 from textgen.config import ModelConfig, TrainConfig
 from textgen.errors import TextgenError
+from textgen.files import fsync_dir, temp_sibling
 from textgen.text import Vocab, VocabError
 
 FORMAT_VERSION = 1
@@ -66,29 +69,24 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic file-system helpers
+# File-system helpers
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+def _fsync_files(directory: Path) -> None:
+    """Flush every file of ``directory`` and the directory itself to disk."""
+    for p in directory.iterdir():
+        with open(p, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fsync_dir(directory)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place, replacing an older one at ``final``."""
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    old = temp_sibling(final, "old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -121,7 +119,7 @@ def save_checkpoint(
     """Write a complete checkpoint directory at ``path`` atomically (replacing one that is there)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(final)
     tmp.mkdir()
     try:
         model.save_weights(str(tmp / WEIGHTS))
@@ -143,6 +141,7 @@ def save_checkpoint(
             tmp / MANIFEST,
             {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
         )
+        _fsync_files(tmp)
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,13 +149,18 @@ def save_checkpoint(
 
 
 def save_optimizer(path: Path, optimizer) -> None:
+    """Adam's state as Keras stores it (``save_own_variables``): one dataset per key "0", "1", ..."""
     import h5py
 
+    store: dict[str, Any] = {}
+    optimizer.save_own_variables(store)
+    path_of = {str(i): v.path for i, v in enumerate(optimizer.variables)}  # Keras' keys are indices
     with h5py.File(path, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
-        for i, var in enumerate(optimizer.variables):
-            ds = f.create_dataset(str(i), data=var.numpy())
-            ds.attrs["path"] = var.path
+        for key, value in store.items():
+            ds = f.create_dataset(key, data=value)
+            if key in path_of:
+                ds.attrs["path"] = path_of[key]  # which variable it holds, for a human reader
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +211,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     state = _read_json(path / STATE)
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
         raise CheckpointError(f"{path / STATE} has no epoch; the checkpoint is damaged")
-    return Checkpoint(path, model_cfg, train_cfg, vocab, _read_json(path / METRICS), state)
+    metrics = _read_json(path / METRICS)
+    if isinstance(metrics, dict):
+        metrics.pop("history", None)  # older checkpoints repeat state.json's history here
+    return Checkpoint(path, model_cfg, train_cfg, vocab, metrics, state)
 
 
 def load_model(ckpt: Checkpoint, mixed_precision: bool = False):
@@ -233,25 +240,46 @@ def load_weights_into(model, ckpt: Checkpoint) -> None:
 
 def restore_optimizer(ckpt: Checkpoint, optimizer, trainable_variables) -> None:
     """Load Adam's state saved by ``save_optimizer`` into a freshly built optimizer."""
-    import h5py
-
     if not optimizer.built:
         optimizer.build(trainable_variables)
+    store = _read_optimizer_store(ckpt.path / OPTIMIZER)
+    expected = len(optimizer.variables)
+    mismatch = CheckpointError(
+        f"checkpoint {ckpt.path}: optimizer state has {len(store)} variables that do not match "
+        f"this model's {expected}; resume with the same preset and settings"
+    )
+    if sorted(store) != sorted(str(i) for i in range(expected)):  # Keras would only warn
+        raise mismatch
     try:
-        with h5py.File(ckpt.path / OPTIMIZER, "r") as f:
-            saved = [f[str(i)][()] for i in range(len(f.keys()))]
+        optimizer.load_own_variables(store)
+    except ValueError:  # a shape differs
+        raise mismatch from None
+
+
+def _read_optimizer_store(path: Path) -> dict[str, Any]:
+    """The datasets of an optimizer file as arrays. Only plain datasets stored in the file itself are
+    read: an external link, a soft link, external storage or a virtual dataset could make h5py open
+    another file, so a crafted checkpoint with one is refused."""
+    import h5py
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why}; the checkpoint is damaged or was not written by textgen")
+
+    try:
+        with h5py.File(path, "r") as f:
+            store = {}
+            for key in f.keys():
+                if not isinstance(f.get(key, getlink=True), h5py.HardLink):
+                    raise refuse(f"entry {key!r} is a link, not a dataset")
+                ds = f[key]
+                if not isinstance(ds, h5py.Dataset):
+                    raise refuse(f"entry {key!r} is not a dataset")
+                if ds.external or ds.is_virtual:
+                    raise refuse(f"dataset {key!r} keeps its data outside the file")
+                store[key] = ds[()]
+            return store
     except (OSError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {ckpt.path}: {OPTIMIZER} is unreadable ({e})") from None
-    variables = optimizer.variables
-    if len(saved) != len(variables) or any(
-        tuple(s.shape) != tuple(v.shape) for s, v in zip(saved, variables)
-    ):
-        raise CheckpointError(
-            f"checkpoint {ckpt.path}: optimizer state has {len(saved)} variables that do not match "
-            f"this model's {len(variables)}; resume with the same preset and settings"
-        )
-    for var, value in zip(variables, saved):
-        var.assign(value)
+        raise CheckpointError(f"checkpoint {path.parent}: {OPTIMIZER} is unreadable ({e})") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

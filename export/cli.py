@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from export.generation import PRECISIONS
+
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint",
@@ -13,7 +15,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "or a Ray Train run directory (its best checkpoint by val_loss)")
     p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity-check inputs")
-    p.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
                    help="weights of the in-graph sampling loop (the step model is always fp32; default: %(default)s)")
 
 

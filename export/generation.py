@@ -58,7 +58,7 @@ import numpy as np
 from textgen.contract import CHAR_IDS, GREEDY_TEMPERATURE, LOGITS, NOISE, SAMPLED_IDS, TEMPERATURE, TOP_K, TOP_P
 
 PRECISIONS = ("int8", "fp32")
-OPSET = 17  # of the graph handed to quantize_dynamic (the exporter converts at the same opset)
+OPSET = 17  # of the exported graph: tf2onnx converts at it, and the LSTMs handed to quantize_dynamic use it
 
 
 class GraphError(ValueError):

@@ -19,45 +19,18 @@ a row's j-th character always gets the j-th block of V numbers of its stream, wh
 sizes and whatever else shares the batch: a seed fixes the text. Greedy rows get zeros and draw
 nothing.
 
-    sampler = Sampler(temperature=0.8, top_p=0.95)    # checks the values, says what is wrong
-    ids = sampler(logits, noise)                      # (B, V), (B, V) Gumbel -> (B,) int32
-    ids = sample_rows(logits, noise, t, k, p)         # per-row settings, (B,) each
+    ids = sample_rows(logits, noise, t, k, p)   # (B, V), (B, V) Gumbel, (B,) settings -> (B,) int32
+
+The settings are checked where a request is made (``serve.params.SamplingParams``), not here.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from textgen.contract import GREEDY_TEMPERATURE
-from textgen.errors import TextgenError as GeneratorError
-
-LogitsProcessor = Callable[[np.ndarray], np.ndarray]  # (B, V) -> (B, V)
-
-
-class SamplingError(GeneratorError):
-    pass
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise SamplingError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise SamplingError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise SamplingError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise SamplingError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
 
 
 def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
@@ -80,124 +53,6 @@ def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
     cut = np.where(keep, srt, np.inf).min(axis=1, keepdims=True)
     filtered = np.where(scaled >= cut, scaled, -np.inf)
     return np.argmax(filtered + np.asarray(noise, np.float32), axis=1).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The same rule as composable processors (HF transformers' logits_process.py style)
-
-
-class Temperature:
-    """Multiply the logits by 1 / ``temperature`` (> 0; float32, as the graph): below 1 sharpens,
-    above 1 flattens."""
-
-    def __init__(self, temperature: float) -> None:
-        t = _real("temperature", temperature)
-        if not t > 0:
-            raise SamplingError(
-                f"temperature must be > 0 for the Temperature processor, got {t}; "
-                "temperature 0 means greedy decoding (Sampler(temperature=0))"
-            )
-        self.temperature = t
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        t = max(np.float32(self.temperature), np.float32(GREEDY_TEMPERATURE))
-        return np.asarray(logits, np.float32) * (np.float32(1) / t)
-
-
-class TopK:
-    """Keep the ``k`` largest logits of each row (ties at the k-th value are all kept)."""
-
-    def __init__(self, k: int) -> None:
-        k = _integer("top_k", k)
-        if k < 1:
-            raise SamplingError(f"top_k must be >= 1 for the TopK processor, got {k} (top_k=0 means off)")
-        self.k = k
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        v = logits.shape[-1]
-        if self.k >= v:
-            return logits
-        kth = np.partition(logits, v - self.k, axis=-1)[:, v - self.k : v - self.k + 1]  # (B, 1)
-        return np.where(logits < kth, -np.inf, logits).astype(logits.dtype, copy=False)
-
-
-class TopP:
-    """Nucleus: keep the most probable characters while the probability of the better ones is
-    below ``p`` (the first always; ties with the least probable kept character too; ``p`` = 1 keeps
-    everything). Probabilities are the float32 softmax of the logits it is given."""
-
-    def __init__(self, p: float) -> None:
-        p = _real("top_p", p)
-        if not 0.0 < p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {p} (1 means off)")
-        self.p = p
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        if self.p >= 1.0:
-            return logits
-        x = np.asarray(logits, np.float32)
-        srt = -np.sort(-x, axis=-1)  # (B, V), most probable first
-        e = np.exp(srt - srt[:, :1])
-        e /= e.sum(axis=-1, keepdims=True)
-        excl = np.concatenate([np.zeros_like(e[:, :1]), np.cumsum(e, axis=-1)[:, :-1]], axis=-1)
-        n_keep = (excl < np.float32(self.p)).sum(axis=-1)  # (B,) >= 1: excl is non-decreasing
-        threshold = srt[np.arange(len(srt)), n_keep - 1][:, None]  # (B, 1)
-        return np.where(x < threshold, -np.inf, x).astype(x.dtype, copy=False)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-class Sampler:
-    """One request's sampling settings, checked: temperature (0 = greedy), top-k (0 = off), top-p
-    (1 = off). Bad values raise ``SamplingError`` (a ``GeneratorError``) saying which argument and
-    what range it accepts.
-
-    ``process`` is temperature, then top-k and top-p side by side (see the module docstring);
-    ``sampler(logits, noise)`` adds the Gumbel noise and takes the argmax, exactly as the graph."""
-
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
-        t = _real("temperature", temperature)
-        if t < 0:
-            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {t}")
-        k = _integer("top_k", top_k)
-        if k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 = off), got {k}")
-        p = _real("top_p", top_p)
-        if not 0.0 < p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {p}")
-        self.temperature, self.top_k, self.top_p = t, k, p
-        self.scale = Temperature(max(t, GREEDY_TEMPERATURE))
-        self.filters: list[LogitsProcessor] = []
-        if k > 0:
-            self.filters.append(TopK(k))
-        if p < 1.0:
-            self.filters.append(TopP(p))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def process(self, logits: np.ndarray) -> np.ndarray:
-        """(B, V) logits -> (B, V) scaled logits, -inf where a filter drops the character."""
-        scaled = self.scale(logits)
-        out = scaled
-        for f in self.filters:  # each judges the scaled logits; a character must pass all
-            out = np.minimum(out, f(scaled))
-        return out
-
-    def __call__(self, logits: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        """(B, V) logits and (B, V) standard Gumbel noise -> (B,) int32 ids (greedy: no noise)."""
-        if noise is None:
-            if not self.greedy:
-                raise SamplingError("sampling with temperature > 0 needs Gumbel noise, one (V,) row per row of logits")
-            noise = np.zeros_like(logits, np.float32)
-        return np.argmax(self.process(logits) + np.asarray(noise, np.float32), axis=-1).astype(np.int32)
-
-    def __repr__(self) -> str:
-        return f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
 
 
 class RowNoise:
@@ -229,6 +84,7 @@ class RowNoise:
         self.rngs += list(rngs)
 
 
-def row_rngs(seeds: Sequence[int | None], greedy: bool) -> list[np.random.Generator | None]:
-    """One generator per row (None for every row when greedy: greedy rows draw nothing)."""
-    return [None if greedy else np.random.default_rng(s) for s in seeds]
+def row_rng(seed: int | None, greedy: bool) -> np.random.Generator | None:
+    """A row's noise generator: None for a greedy row (it draws nothing), else seeded by ``seed``
+    (None: fresh entropy)."""
+    return None if greedy else np.random.default_rng(seed)

@@ -1,157 +1,173 @@
 """The batching engine behind the HTTP service: ONE thread runs the model for every request.
 
-One request per model call does not scale on 2 cores (a call costs ~0.2 ms beyond its characters,
-whatever its batch); so, as LLM servers do, the requests of a server share a running batch
-(continuous batching):
+A model call has a fixed cost whatever its batch, so one request per call does not scale on a few
+cores; as LLM servers do, the requests of a server share a running batch (continuous batching,
+``serve.decode.Batch``):
 
-1. ``Engine.prepare`` checks a request (the rules and messages of ``Generator``) -> ``Request``.
+1. ``Engine.prepare`` takes a request's checked ``SamplingParams`` (made against ``Engine.limits``,
+   this server's caps) and its prompt (checked and encoded once) -> ``Request``.
 2. ``Engine.submit`` admits it, or raises ``EngineBusy`` at once when its rows (``n``) would take
    the rows in flight past ``max_rows``: nothing waits in an unbounded queue.
 3. The engine thread consumes the newcomers' prompts but their last character (K = 0 calls):
    prompts that fit one chunk together (``OnnxModel.prefill``: equal lengths share a call, equal
    prompts run once), longer ones ``PREFILL_CHUNK`` characters per iteration between chunk calls,
-   so a long prompt delays the running streams by a few milliseconds instead of stalling them.
-   Then the request's ``n`` rows join the batch, their pending character the prompt's last one. A
-   lone newcomer on an idle engine skips that: its first chunk call takes the whole prompt.
-4. Every iteration is one chunk call for all rows (``OnnxModel.chunk``): ``chunk_size`` characters
-   per row (16: ~3 ms for 8 rows, ~15 ms for 64, so a newcomer's first characters wait little),
-   sampled in the graph with every row's own temperature, top-k, top-p and Gumbel noise from its
-   own ``numpy.random.Generator``; per row: ``max_chars`` and stop strings.
+   so a long prompt delays the running streams a little instead of stalling them. Then the
+   request's ``n`` rows join the batch, their pending character the prompt's last one. A lone
+   newcomer on an idle engine skips that: its first chunk call takes the whole prompt.
+4. Every iteration is one chunk call for all rows (``Batch.step``): ``chunk_size`` characters per
+   row, sampled in the graph with every row's own settings and noise; per row: ``max_chars`` and
+   stop strings.
 5. Characters go to the request's event loop with ``loop.call_soon_threadsafe``, in chunks: a
    row's first characters at once, then what accumulated every ``stream_interval_ms`` (one wake-up
-   of the loop per flush for all requests). A character that may begin a stop string is held
-   back until it is clear that it does not (as ``Generator.stream``).
+   of the loop per flush for all requests), held back while they may begin a stop string
+   (``Row.release``, as ``Generator.stream``).
 6. Rows that finish (length, stop) or whose request is cancelled (``Engine.cancel``: the client
    went away) leave the batch at once; their rows stop counting against ``max_rows``.
 
 Determinism: row i of a request with seed s makes exactly ``Generator.generate(prompt, seed=s + i)``
-with the same parameters, whatever else shares the batch and whatever the chunk sizes (the graph
-computes every row as if alone, and each row draws its noise from its own generator in order; see
-``serve.generator``; tests/test_http.py checks it).
+with the same parameters, whatever else shares the batch and whatever the chunk sizes
+(``serve.decode``; tests/test_http.py checks it).
 
 Nothing here imports FastAPI: ``ServeSettings`` (the service's settings, with their environment
-variables) lives here so that ``textgen``'s parser can show the defaults without the web stack.
+variables) lives here so that ``textgen serve`` can build its flags without the web stack.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
-import os
 import secrets
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serve.decode import Batch, Row
 from serve.generator import Generator
-from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
-from serve.sampling import RowNoise, Sampler
-from textgen.errors import TextgenError as GeneratorError
-from textgen.text import StopStrings, UnknownCharactersError
+from serve.params import Limits, SamplingParams
+from textgen.errors import TextgenError
 
 log = logging.getLogger("textgen.engine")
 
-PREFILL_CHUNK = 128  # prompt characters per call for long prompts: ~8 ms of a 2x256 model on one core
+PREFILL_CHUNK = 128  # prompt characters per call for long prompts (a few ms of model time each)
 PREFILL_BUDGET = 128  # prompt characters consumed per engine iteration (between two chunk calls)
-MAX_STOPS = 8  # stop strings per request
-MAX_STOP_CHARS = 64  # characters per stop string
 
 
 # ---------------------------------------------------------------------------------------------
 # Settings
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Limits and tuning of one serving process. Each field has an environment variable
-    ``TEXTGEN_<FIELD>`` (e.g. ``TEXTGEN_MAX_ROWS``) read by ``textgen serve``, and a flag
-    ``--<field>`` (``--max-rows``) that wins over it."""
+class SettingsError(TextgenError):
+    pass
 
-    # Characters per request (per sample): about 5 s of one stream in a busy batch.
-    max_chars_cap: int = 10_000
-    # Prompt characters: consuming a prompt costs ~70 µs per character (0.7 s at the cap).
-    max_prompt_chars: int = 10_000
-    # Samples per request (n); each is one row of the batch (so n is also at most max_rows).
-    max_n: int = 16
-    # The in-flight limit: rows (the sum of n) of the requests being served. A request that would
-    # pass it is refused at once (429 + Retry-After). 64 rows keep one step under ~3 ms here.
-    max_rows: int = 64
-    # Request body bytes; a larger body gets 413 before it is read.
-    max_body_bytes: int = 1 << 20
-    # onnxruntime intra-op threads of the engine: 1 leaves the other core to the event loop.
-    threads: int = 1
-    # Streamed characters are sent in chunks at most this old (a row's first one at once). An
-    # event costs the server and its client ~100-300 µs of CPU, several characters' worth: at
-    # 20 ms, 32 streams spent more CPU on events than on making characters (bench/http_load.py).
-    stream_interval_ms: float = 50.0
-    # Retry-After (seconds) of a refused request: about the time a 500-character request takes.
-    retry_after_s: int = 1
-    # Characters per row per model call. Larger: fewer calls (~0.2 ms each beyond the characters);
-    # smaller: a newcomer waits less for its first characters (about two calls). At 16 a call of
-    # 64 rows takes ~15 ms on one core, and 32 would add only a few percent of throughput.
-    chunk_size: int = 16
 
-    def __post_init__(self) -> None:
-        minimum = {"max_chars_cap": 1, "max_prompt_chars": 1, "max_n": 1, "max_rows": 1,
-                   "max_body_bytes": 1024, "threads": 0, "stream_interval_ms": 0, "retry_after_s": 0,
-                   "chunk_size": 1}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = float if f.type == "float" else int
-            ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-            if not ok or value < minimum[f.name]:
-                raise GeneratorError(
-                    f"setting {f.name} (--{f.name.replace('_', '-')}, {self.env_name(f.name)}) must be "
-                    f"{'a number' if kind is float else 'an integer'} >= {minimum[f.name]}, got {value!r}"
-                )
+class ServeSettings(BaseSettings):
+    """Limits and tuning of one serving process, declared once: each field is a flag of ``textgen
+    serve`` (``--max-rows``), an environment variable (``TEXTGEN_MAX_ROWS``, which the flag wins
+    over) and an argument of the Ray Serve app. Bad values raise ``SettingsError``."""
+
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", env_ignore_empty=True, frozen=True, extra="forbid")
+
+    # About a few seconds of one stream in a busy batch (bench/RESULTS.md).
+    max_chars_cap: int = Field(10_000, ge=1, description="most characters a request may ask for per sample")
+    # Consuming a prompt costs model time per character: the cap bounds what one request can take.
+    max_prompt_chars: int = Field(10_000, ge=1, description="longest prompt accepted, in characters")
+    max_n: int = Field(16, ge=1, description="most samples per request (n); each is a row of the batch")
+    # A request that would pass it is refused at once: no unbounded queue, and a step of the whole
+    # batch stays short (bench/RESULTS.md).
+    max_rows: int = Field(64, ge=1, description="in-flight limit: rows (the sum of n) being served; more gets "
+                                                "429 + Retry-After")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body in bytes; larger gets 413")
+    # 1 leaves the other core to the event loop.
+    threads: int = Field(1, ge=0, description="onnxruntime intra-op threads of the engine (0 = one per core)")
+    # An event costs the server and its client several characters' worth of CPU: shorter intervals
+    # spend more on events than on making characters (bench/http_load.py, bench/RESULTS.md).
+    stream_interval_ms: float = Field(50.0, ge=0, allow_inf_nan=False,
+                                      description="streamed characters are sent in chunks at most this old, in "
+                                                  "ms (a row's first ones at once)")
+    # About the time a typical request takes.
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After (seconds) of a request refused as busy")
+    # Larger: fewer calls; smaller: a newcomer waits less for its first characters (about two calls).
+    chunk_size: int = Field(16, ge=1, description="characters per row per model call (lower: sooner first "
+                                                  "characters; higher: more throughput)")
+
+    def __init__(self, **values: Any) -> None:
+        from_mapping = _FROM_MAPPING.get()
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _settings_error(e, set(values) - (from_mapping or set())) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # type: ignore[override]
+        # Arguments, then os.environ; only the arguments while from_env reads another mapping.
+        return (init_settings,) if _FROM_MAPPING.get() is not None else (init_settings, env_settings)
 
     @property
     def n_cap(self) -> int:
         """The most samples a request may ask for: max_n, and no more than max_rows."""
         return min(self.max_n, self.max_rows)
 
+    def limits(self) -> Limits:
+        """The caps every request is checked against."""
+        return Limits.server(self.max_chars_cap, self.max_prompt_chars, self.n_cap)
+
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        return f"{cls.model_config['env_prefix']}{name.upper()}"
+
     @staticmethod
-    def env_name(name: str) -> str:
-        return f"TEXTGEN_{name.upper()}"
+    def flag(name: str) -> str:
+        return f"--{name.replace('_', '-')}"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
-        """Defaults, then ``TEXTGEN_*`` variables, then ``overrides`` (None values are ignored)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(cls.env_name(f.name))
-            if raw is not None and raw.strip():
-                values[f.name] = parse_setting(f.name, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """Defaults, then ``TEXTGEN_*`` variables (of ``os.environ``, or of ``environ``), then
+        ``overrides`` (None values are ignored)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if environ is None:
+            return cls(**given)
+        env = {name: raw for name in cls.model_fields if (raw := environ.get(cls.env_name(name), "").strip())}
+        token = _FROM_MAPPING.set(set(env) - set(given))
+        try:
+            return cls(**{**env, **given})
+        finally:
+            _FROM_MAPPING.reset(token)
 
 
-def parse_setting(name: str, raw: str) -> int | float:
-    kind = float if ServeSettings.__dataclass_fields__[name].type == "float" else int
-    try:
-        return kind(raw.strip().replace("_", ""))
-    except ValueError:
-        raise GeneratorError(
-            f"{ServeSettings.env_name(name)}={raw!r} is not {'a number' if kind is float else 'an integer'}"
-        ) from None
+# While ``from_env`` reads a mapping instead of os.environ: the settings that came from it.
+_FROM_MAPPING: ContextVar[set[str] | None] = ContextVar("textgen_settings_from_mapping", default=None)
+
+
+def _settings_error(e: ValidationError, given: set[str]) -> SettingsError:
+    """Pydantic's errors -> one message naming the flag and the variable of every bad setting."""
+    problems = []
+    for err in e.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        field = ServeSettings.model_fields.get(name)
+        if field is None:
+            problems.append(f"unknown setting {name!r} (known: {', '.join(ServeSettings.model_fields)})")
+            continue
+        kind = "a number" if field.annotation is float else "an integer"
+        env, value = ServeSettings.env_name(name), err.get("input")
+        if name not in given and isinstance(value, str) and err["type"].endswith("_parsing"):
+            problems.append(f"{env}={value!r} is not {kind}")
+            continue
+        floor = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+        problems.append(f"setting {name} ({ServeSettings.flag(name)}, {env}) must be {kind}"
+                        f"{'' if floor is None else f' >= {floor}'}, got {value!r}")
+    return SettingsError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
 # Requests and their events
-
-
-class FieldError(GeneratorError):
-    """A request argument the generator refuses; ``field`` names it (for a 4xx that says which)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class EngineBusy(Exception):
@@ -174,14 +190,13 @@ class Request:
     """A checked request: what the engine thread needs, nothing to validate any more."""
 
     prompt_ids: np.ndarray  # (T,) int32, T >= 1
-    n: int
-    max_chars: int
-    temperature: float
-    top_k: int
-    top_p: float
+    params: SamplingParams
     seed: int | None  # row i uses seed + i; None when greedy (no randomness)
-    stops: StopStrings
     stream: bool
+
+    @property
+    def n(self) -> int:
+        return self.params.n
 
     @property
     def prompt_chars(self) -> int:
@@ -251,20 +266,7 @@ class Ticket:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine-thread state
-
-
-class _Row:
-    """One sample being decoded: its generated ids so far and what was sent."""
-
-    __slots__ = ("ticket", "index", "ids", "sent", "cut", "stops")
-
-    def __init__(self, ticket: Ticket, index: int) -> None:
-        self.ticket, self.index = ticket, index
-        self.ids: list[int] = []
-        self.sent = 0  # characters delivered (streams)
-        self.cut = 0  # length of the stop string that ended the row
-        self.stops = ticket.request.stops
+# The engine
 
 
 class _Prefill:
@@ -280,77 +282,17 @@ class _Prefill:
         self.state: list[np.ndarray] | None = None  # (1, H) per state input after `done` characters
 
 
-class _Batch:
-    """The rows being decoded and, aligned with them (index = row of the model batch), their
-    state, pending characters and per-row parameters."""
-
-    def __init__(self, generator: Generator) -> None:
-        self.model = generator.model
-        self.vocab_size = self.model.info.vocab_size
-        self.rows: list[_Row] = []
-        self.state = self.model.zero_state(0)  # (k, H) per state input, before `pending`
-        self.pending = np.zeros((0, 1), np.int32)  # (k, T) the next call's char_ids
-        self.pos = np.zeros(0, np.int64)  # (k,) characters made
-        self.limit = np.zeros(0, np.int64)  # (k,) max_chars
-        self.settings = self.model.settings(0)  # (k,) temperature, top_k, top_p
-        self.noise = RowNoise([], self.vocab_size)
-        self.ends_stop = np.zeros((0, self.vocab_size), bool)  # (k, V) ids that end a stop string
-        self.joined = 0  # rows that joined since the last call (they flush their first characters)
-
-    @property
-    def size(self) -> int:
-        return len(self.rows)
-
-    def join(self, arrivals: list[tuple[Ticket, list[np.ndarray], np.ndarray]], chars: tuple[str, ...]) -> None:
-        """Add the rows of requests whose prompts are consumed: (ticket, state (1, H) per state
-        input, pending characters (1, T)) each; T > 1 only for a lone request on an empty batch."""
-        if not arrivals:
-            return
-        reps = np.array([t.request.n for t, _, _ in arrivals])  # rows per request
-        n = int(reps.sum())
-        requests = [t.request for t, _, _ in arrivals]
-        new_state = [np.repeat(np.concatenate(parts), reps, axis=0)
-                     for parts in zip(*(st for _, st, _ in arrivals))]
-        self.state = [np.concatenate([a, b]) for a, b in zip(self.state, new_state)]
-        pending = [np.repeat(p, r, axis=0) for (_, _, p), r in zip(arrivals, reps)]
-        self.pending = np.concatenate([self.pending, *pending]) if self.size else np.concatenate(pending)
-        self.rows += [_Row(t, i) for t, _, _ in arrivals for i in range(t.request.n)]
-        self.pos = np.concatenate([self.pos, np.zeros(n, np.int64)])
-        self.limit = np.concatenate([self.limit, np.repeat([r.max_chars for r in requests], reps)])
-        joined = self.model.settings(n, np.repeat([r.temperature for r in requests], reps),
-                                     np.repeat([r.top_k for r in requests], reps),
-                                     np.repeat([r.top_p for r in requests], reps))
-        self.settings = {k: np.concatenate([self.settings[k], joined[k]]) for k in self.settings}
-        self.noise.extend([None if r.seed is None else np.random.default_rng(r.seed + i)
-                           for r in requests for i in range(r.n)])
-        ends = [np.array([c in r.stops.last_chars for c in chars]) if r.stops else np.zeros(len(chars), bool)
-                for r in requests]
-        self.ends_stop = np.concatenate([self.ends_stop, np.repeat(np.stack(ends), reps, axis=0)])
-        self.joined += n
-
-    def keep(self, keep: np.ndarray) -> None:
-        """Continue with rows ``keep`` (indices, in order)."""
-        self.rows = [self.rows[i] for i in keep]
-        self.state = [s[keep] for s in self.state]
-        self.pending = self.pending[keep]
-        self.pos, self.limit = self.pos[keep], self.limit[keep]
-        self.settings = {k: v[keep] for k, v in self.settings.items()}
-        self.noise.keep(keep)
-        self.ends_stop = self.ends_stop[keep]
-        self.joined = min(self.joined, len(keep))
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine
+Outbox = dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]]  # events per event loop
 
 
 class Engine:
     """Continuous batching over one ``Generator``: ``start()``, then ``prepare`` + ``submit`` from
     an event loop, ``cancel`` when the client goes away, ``close()`` at shutdown."""
 
-    def __init__(self, generator: Generator, settings: ServeSettings = ServeSettings()) -> None:
+    def __init__(self, generator: Generator, settings: ServeSettings | None = None) -> None:
         self.generator = generator
-        self.settings = settings
+        self.settings = settings = settings or ServeSettings()
+        self.limits = settings.limits()
         self.chars = generator.model.vocabulary.chars
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -364,7 +306,7 @@ class Engine:
         self._counts = dict(requests=0, rejected=0, cancelled=0, completed=0, failed=0, steps=0, chars=0)
         # Engine thread only.
         self._prefilling: list[_Prefill] = []
-        self._batch = _Batch(generator)
+        self._batch = Batch(generator.model)
         self._interval = settings.stream_interval_ms / 1000
         self._next_flush = 0.0
         self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
@@ -384,62 +326,17 @@ class Engine:
     def ready(self) -> bool:
         return self.alive and not self._closed
 
-    def prepare(
-        self,
-        prompt: str = "",
-        *,
-        n: int = 1,
-        max_chars: int = DEFAULT_MAX_CHARS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        unknown: str = "error",
-        replacement: str = " ",
-        stream: bool = False,
-    ) -> Request:
-        """Check a request: ``FieldError`` names the argument at fault. Without a seed (and not
-        greedy) one is chosen, so that every response can say how to repeat it."""
-        s = self.settings
-        try:
-            sampler = Sampler(temperature, top_k, top_p)
-        except GeneratorError as e:
-            raise FieldError(str(e).split(" ", 1)[0], str(e)) from None
-        for name, value, cap, setting in (("n", n, s.n_cap, "max_n"),
-                                          ("max_chars", max_chars, s.max_chars_cap, "max_chars_cap")):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
-                raise FieldError(name, f"{name} must be an integer from 1 to {cap:,} (this server's "
-                                       f"{setting}), got {value!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise FieldError("seed", f"seed must be an integer >= 0 or null, got {seed!r}")
-        try:
-            stops = StopStrings(stop)
-        except GeneratorError as e:
-            raise FieldError("stop", str(e)) from None
-        if len(stops.stops) > MAX_STOPS or stops.longest > MAX_STOP_CHARS:
-            raise FieldError("stop", f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
-        if not isinstance(prompt, str):
-            raise FieldError("prompt", f"prompt must be a string, got {type(prompt).__name__}")
-        if len(prompt) > s.max_prompt_chars:
-            raise FieldError("prompt", f"the prompt has {len(prompt):,} characters, more than this server's "
-                                       f"limit of {s.max_prompt_chars:,} (max_prompt_chars)")
-        try:
-            ids = self.generator.encode(prompt, unknown, replacement)
-        except UnknownCharactersError as e:
-            shown = ", ".join(repr(c) for c in e.unknown[:20]) + (" ..." if len(e.unknown) > 20 else "")
-            raise FieldError(
-                "prompt", f"unknown characters in prompt: {shown} (model vocabulary: {len(self.chars)} chars); "
-                'remove them, or set "unknown" to "skip" or "replace"'
-            ) from None
-        except GeneratorError as e:
-            raise FieldError("replacement" if "replacement" in str(e) else "unknown", str(e)) from None
-        if sampler.greedy:
-            seed = None
-        elif seed is None:
-            seed = secrets.randbelow(2**31)
-        return Request(ids, n, max_chars, sampler.temperature, sampler.top_k, sampler.top_p, seed, stops,
-                       bool(stream))
+    def params(self, **values: Any) -> SamplingParams:
+        """``SamplingParams`` checked against this server's caps (``ParamError`` names the field)."""
+        return SamplingParams(**values, limits=self.limits)
+
+    def prepare(self, prompt: str, params: SamplingParams, stream: bool = False) -> Request:
+        """The request for ``prompt`` (checked and encoded here, ``ParamError`` naming the field)
+        with checked ``params``. Without a seed (and not greedy) one is chosen, so that every
+        response can say how to repeat it."""
+        ids = self.generator.encode(prompt, params, self.limits)
+        seed = None if params.greedy else secrets.randbelow(2**31) if params.seed is None else params.seed
+        return Request(ids, params, seed, bool(stream))
 
     def submit(self, request: Request) -> Ticket:
         """Admit ``request`` (call on the event loop that will read the ticket). Raises
@@ -503,18 +400,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while not (self._incoming or self._cancels or self._closed or self._prefilling
-                               or self._batch.size):
-                        self._wake.wait()
-                    if self._closed:
-                        break
-                    incoming, self._incoming = self._incoming, []
-                    cancels, self._cancels = self._cancels, []
-                self._prefilling += [_Prefill(t) for t in incoming]
-                if cancels:
-                    self._drop(cancels)
+            while self._wait():
                 if self._prefilling:
                     self._prefill()
                 if self._batch.size:
@@ -526,14 +412,32 @@ class Engine:
                 self._error = f"the generation engine failed: {type(e).__name__}: {e}"
             self._fail_all(self._error)
 
+    def _wait(self) -> bool:
+        """Wait for work; take the newcomers and the cancels. False: the engine is closing."""
+        with self._lock:
+            while not (self._incoming or self._cancels or self._closed or self._prefilling or self._batch.size):
+                self._wake.wait()
+            if self._closed:
+                return False
+            incoming, self._incoming = self._incoming, []
+            cancels, self._cancels = self._cancels, []
+        self._prefilling += [_Prefill(t) for t in incoming]
+        if cancels:
+            self._drop(cancels)
+        return True
+
+    def _join(self, ticket: Ticket, state: list[np.ndarray], pending: np.ndarray) -> None:
+        """The request's n rows join the batch: its state (1, H) per input and pending (1, T)."""
+        r = ticket.request
+        rows = [Row(r.params, self.chars, None if r.seed is None else r.seed + i, ticket, i) for i in range(r.n)]
+        self._batch.join(rows, [np.repeat(s, r.n, axis=0) for s in state], np.repeat(pending, r.n, axis=0))
+
     def _prefill(self) -> None:
         model = self.generator.model
-        b = self._batch
-        arrivals = []  # (ticket, state (1, H) per input, pending (1, T)) of prompts now consumed
-        if not b.size and len(self._prefilling) == 1 and len(self._prefilling[0].ids) < PREFILL_CHUNK:
+        if not self._batch.size and len(self._prefilling) == 1 and len(self._prefilling[0].ids) < PREFILL_CHUNK:
             # A lone newcomer on an idle engine: its first chunk call consumes the whole prompt.
             p = self._prefilling.pop()
-            b.join([(p.ticket, model.zero_state(1), p.ticket.request.prompt_ids[None])], self.chars)
+            self._join(p.ticket, model.zero_state(1), p.ticket.request.prompt_ids[None])
             return
         budget = PREFILL_BUDGET
         whole: list[_Prefill] = []  # prompts that fit one chunk: consumed together below
@@ -549,107 +453,73 @@ class Engine:
             _, p.state = model.run(chunk[None], p.state)
             p.done += len(chunk)
             budget -= len(chunk)
-            if p.done == len(p.ids):
-                arrivals.append((p.ticket, p.state, p.ticket.request.prompt_ids[None, -1:]))
         if whole:
             state = model.prefill([p.ids for p in whole])  # (w, H); an empty prompt: zeros
             for i, p in enumerate(whole):
-                p.done = len(p.ids)
-                arrivals.append((p.ticket, [s[i : i + 1] for s in state], p.ticket.request.prompt_ids[None, -1:]))
-        b.join(arrivals, self.chars)
-        joined = {t.id for t, _, _ in arrivals}
-        self._prefilling = [p for p in self._prefilling if p.ticket.id not in joined]
+                p.done, p.state = len(p.ids), [s[i : i + 1] for s in state]
+        for p in self._prefilling:
+            if p.done == len(p.ids) and p.state is not None:
+                self._join(p.ticket, p.state, p.ticket.request.prompt_ids[None, -1:])
+        self._prefilling = [p for p in self._prefilling if not (p.done == len(p.ids) and p.state is not None)]
 
     def _step(self) -> None:
         b = self._batch
-        k = b.size
-        steps = int(min(self.settings.chunk_size, (b.limit - b.pos).max()))
-        ids, b.state = b.model.chunk(b.pending, b.state, b.noise.take(steps), b.settings)  # (k, K)
-        done = np.zeros(k, bool)
-        made = 0
-        ends = b.ends_stop[np.arange(k)[:, None], ids].any(axis=1) if b.ends_stop.any() else np.zeros(k, bool)
-        for j, (row, new) in enumerate(zip(b.rows, ids.tolist())):
-            start = len(row.ids)
-            row.ids += new[: b.limit[j] - b.pos[j]]
-            if ends[j] and self._stopped(row, start):
-                done[j] = True
-            made += len(row.ids) - start
-        b.pos += steps
-        done |= b.pos >= b.limit
-        b.pending = ids[:, -1:]
+        done, made = b.step(b.steps(self.settings.chunk_size))
         with self._lock:
             self._counts["steps"] += 1
             self._counts["chars"] += made
-
-        now = time.monotonic()
-        out: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]] = {}
-        if now >= self._next_flush:  # every streaming row
-            self._next_flush = now + self._interval
-            flush = range(k)
-        else:  # rows that just made their first characters, and finished rows
-            flush = itertools.chain(range(k - b.joined, k), np.flatnonzero(done).tolist())
-        b.joined = 0
-        for j in flush:
-            row = b.rows[j]
-            if row.ticket.request.stream:
-                self._send_delta(row, bool(done[j]), out)
+        out: Outbox = {}
+        self._flush(done, out)
         finished = np.flatnonzero(done)
         if len(finished):
-            ended = 0
-            for j in finished.tolist():
-                row = b.rows[j]
-                ticket = row.ticket
-                chars = len(row.ids) - row.cut
-                text = None if ticket.request.stream else self._decode(row.ids[:chars])
-                out.setdefault(ticket.loop, []).append(
-                    (ticket, Finish(row.index, "stop" if row.cut else "length", chars, text)))
-                ticket._rows_left -= 1
-                if ticket._rows_left == 0:
-                    out[ticket.loop].append((ticket, End(None)))
-                    ended += 1
-            with self._lock:
-                self._rows_in_flight -= len(finished)
-                self._requests_in_flight -= ended
-                self._counts["completed"] += ended
+            self._finish(finished.tolist(), out)
             b.keep(np.flatnonzero(~done))
         self._deliver(out)
 
-    def _stopped(self, row: _Row, start: int) -> bool:
-        """Whether the row's text ends with one of its stop strings somewhere after ``start`` (the
-        characters before did not): then the text is cut there and ``row.cut`` remembers it."""
-        stops = row.stops
-        tail_start = max(0, start - (stops.longest - 1))
-        found = stops.find_first(self._decode(row.ids[tail_start:]))
-        if found is None:
-            return False
-        del row.ids[tail_start + found[0] :]
-        row.cut = found[1]
-        return True
+    def _flush(self, done: np.ndarray, out: Outbox) -> None:
+        """Deltas of the streaming rows: all of them every ``stream_interval_ms``, else those that
+        just made their first characters and those that finished."""
+        b = self._batch
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._next_flush = now + self._interval
+            rows: Any = range(b.size)
+        else:
+            rows = itertools.chain(range(b.size - b.joined, b.size), np.flatnonzero(done).tolist())
+        b.joined = 0
+        for j in rows:
+            row = b.rows[j]
+            ticket = row.tag
+            if ticket.request.stream:
+                text = row.release(bool(done[j]))
+                if text:
+                    out.setdefault(ticket.loop, []).append((ticket, Delta(row.index, text)))
 
-    def _send_delta(self, row: _Row, done: bool, out: dict) -> None:
-        n = len(row.ids) - row.cut
-        if not done and row.stops:
-            # Hold back the longest tail that may still grow into a stop string.
-            if row.stops.longest > 1:
-                n -= row.stops.held_tail(self._decode(row.ids[-(row.stops.longest - 1) :]))
-        if n > row.sent:
-            delta = Delta(row.index, self._decode(row.ids[row.sent : n]))
-            out.setdefault(row.ticket.loop, []).append((row.ticket, delta))
-            row.sent = n
-
-    def _decode(self, ids: list[int]) -> str:
-        chars = self.chars
-        return "".join([chars[i] for i in ids])
+    def _finish(self, finished: list[int], out: Outbox) -> None:
+        ended = 0
+        for j in finished:
+            row = self._batch.rows[j]
+            ticket = row.tag
+            text = None if ticket.request.stream else row.text()
+            out.setdefault(ticket.loop, []).append(
+                (ticket, Finish(row.index, "stop" if row.cut else "length", row.length, text)))
+            ticket._rows_left -= 1
+            if ticket._rows_left == 0:
+                out[ticket.loop].append((ticket, End(None)))
+                ended += 1
+        with self._lock:
+            self._rows_in_flight -= len(finished)
+            self._requests_in_flight -= ended
+            self._counts["completed"] += ended
 
     def _drop(self, tickets: list[Ticket]) -> None:
         """Cancelled requests leave the prompt queue and the batch."""
         gone = {t.id for t in tickets}
         self._prefilling = [p for p in self._prefilling if p.ticket.id not in gone]
         b = self._batch
-        if b.size:
-            keep = np.array([i for i, row in enumerate(b.rows) if row.ticket.id not in gone], np.intp)
-            if len(keep) < b.size:
-                b.keep(keep)
+        keep = [i for i, row in enumerate(b.rows) if row.tag.id not in gone]
+        if len(keep) < b.size:
+            b.keep(keep)
         with self._lock:
             for t in tickets:
                 if t._rows_left == 0:  # it finished before the cancel arrived
@@ -662,7 +532,7 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         """End every request still admitted (shutdown or failure) with ``message``."""
         tickets = {p.ticket.id: p.ticket for p in self._prefilling}
-        tickets.update({row.ticket.id: row.ticket for row in self._batch.rows})
+        tickets.update({row.tag.id: row.tag for row in self._batch.rows})
         with self._lock:
             self._closed = True
             tickets.update({t.id: t for t in self._incoming})
@@ -672,15 +542,15 @@ class Engine:
             self._rows_in_flight = 0
             self._requests_in_flight = 0
         self._prefilling = []
-        self._batch = _Batch(self.generator)
-        out: dict = {}
+        self._batch = Batch(self.generator.model)
+        out: Outbox = {}
         for t in failed:
             t._rows_left = 0
             out.setdefault(t.loop, []).append((t, End(message)))
         self._deliver(out)
 
     @staticmethod
-    def _deliver(out: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]]) -> None:
+    def _deliver(out: Outbox) -> None:
         for loop, events in out.items():
             try:
                 loop.call_soon_threadsafe(_dispatch, events)

@@ -206,22 +206,26 @@ def test_stop_string_ends_generation_and_is_not_included(gen):
 
 
 def test_stop_stream_holds_back_only_possible_stop_prefixes():
-    """StopStream (used by ``stream``) releases exactly the text up to the first stop, for random
-    texts and overlapping stop strings, and holds back nothing that cannot start a stop."""
-    from textgen.text import StopStrings
+    """The decode loop's hold-back (``Row.release``, used by ``stream`` and the engine) releases
+    exactly the text up to the first stop, for random texts and overlapping stop strings, and
+    holds back nothing that cannot start a stop."""
+    from serve.decode import Row
+    from serve.params import SamplingParams
 
+    chars = ("a", "b", "c")
     rng = np.random.default_rng(0)
     for _ in range(500):
         text = "".join(rng.choice(list("abc"), size=30))
         stops = ["".join(rng.choice(list("abc"), size=rng.integers(1, 4))) for _ in range(rng.integers(1, 3))]
-        stream, released = StopStrings(stops).stream(), []
+        row, released, stopped = Row(SamplingParams(stop=stops), chars), [], False
         for ch in text:
-            released.append(stream.push(ch))
-            assert len(stream.held) < max(map(len, stops))
-            if stream.stopped:
+            stopped = row.add([chars.index(ch)])
+            released.append(row.release(stopped))
+            assert row.length - row.sent < max(map(len, stops))  # what is held back
+            if stopped:
                 break
-        if not stream.stopped:
-            released.append(stream.flush())
+        if not stopped:
+            released.append(row.release(True))
         assert "".join(released) == _cut_at_first_stop(text, stops), (text, stops)
 
 

@@ -473,7 +473,7 @@ def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen, chunk_si
 
     async def run(engine, i, prompt, kwargs, streaming):
         await asyncio.sleep(i * stagger_s)
-        request = engine.prepare(prompt, stream=streaming, **kwargs)
+        request = engine.prepare(prompt, engine.params(**kwargs), stream=streaming)
         ticket = engine.submit(request)
         texts, reasons = [""] * request.n, [None] * request.n
         while True:
@@ -521,13 +521,13 @@ def test_an_engine_failure_ends_its_requests_and_refuses_new_ones(gen):
         engine = Engine(gen).start()
         engine._batch.model = BrokenModel()  # fails at the first chunk call
         try:
-            ticket = engine.submit(engine.prepare("alice", max_chars=10, seed=1))
+            ticket = engine.submit(engine.prepare("alice", engine.params(max_chars=10, seed=1)))
             event = await asyncio.wait_for(ticket.next(), 10)
             assert isinstance(event, End) and event.error == "the generation engine failed: RuntimeError: boom"
             assert not engine.alive and engine.stats()["error"] == event.error
             assert engine.stats()["rows_in_flight"] == 0
             with pytest.raises(EngineClosed, match="boom"):
-                engine.submit(engine.prepare("alice", max_chars=10))
+                engine.submit(engine.prepare("alice", engine.params(max_chars=10)))
         finally:
             engine.close()
 

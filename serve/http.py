@@ -40,50 +40,51 @@ import time
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.engine import (
+from serve.engine import Delta, End, Engine, EngineBusy, EngineClosed, Finish, Request, ServeSettings, Ticket
+from serve.generator import Generator
+from serve.params import (
+    DEFAULT_MAX_CHARS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    MAX_SEED,
     MAX_STOP_CHARS,
     MAX_STOPS,
-    Delta,
-    End,
-    Engine,
-    EngineBusy,
-    EngineClosed,
-    FieldError,
-    Finish,
-    Request,
-    ServeSettings,
-    Ticket,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    ParamError,
+    shown,
 )
-from serve.generator import Generator
-from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look
 
 SHUTDOWN_GRACE_S = 2.0  # a stream's time to send its error event when the server stops
-MAX_TEMPERATURE = 100.0  # beyond it every character is equally likely anyway
-MAX_TOP_K = 1_000_000
-MAX_SEED = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Request and response bodies (the OpenAPI schema is made from these)
 
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+def _bounds(**schema: Any) -> dict[str, Any]:
+    """JSON Schema bounds for the documentation: ``serve.params`` checks the values (once)."""
+    return {"json_schema_extra": schema}
 
 
 class GenerateRequestBase(BaseModel):
-    """Fields whose limits do not depend on the server's settings (see ``request_model``)."""
+    """The JSON shape of a request: types only (strict, unknown fields refused). The values are
+    checked by ``serve.params.SamplingParams`` against this server's limits; the bounds below are
+    the same constants, for the schema."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"prompt": "alice was ", "max_chars": 200, "temperature": 0.8, "seed": 1},
@@ -91,20 +92,21 @@ class GenerateRequestBase(BaseModel):
     ]})
 
     temperature: float = Field(
-        DEFAULT_TEMPERATURE, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+        DEFAULT_TEMPERATURE, **_bounds(minimum=0, maximum=MAX_TEMPERATURE),
         description="0 = greedy (always the most likely character, no randomness); below 1 safer, above 1 wilder.",
     )
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Sample among the k most likely characters only (0 = off).")
+    top_k: int = Field(DEFAULT_TOP_K, **_bounds(minimum=0, maximum=MAX_TOP_K),
+                       description="Sample among the k most likely characters only (0 = off).")
     top_p: float = Field(
-        1.0, gt=0, le=1, allow_inf_nan=False,
+        DEFAULT_TOP_P, **_bounds(exclusiveMinimum=0, maximum=1),
         description="Sample among the most likely characters holding this much probability (1 = off).",
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED,
+        None, **_bounds(minimum=0, maximum=MAX_SEED),
         description="Fixes the text: sample i uses seed + i. Omitted: the server picks one and returns it.",
     )
-    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
-        None,
+    stop: str | list[str] | None = Field(
+        None, **_bounds(maxItems=MAX_STOPS),
         description=f"A string or up to {MAX_STOPS} strings of 1-{MAX_STOP_CHARS} characters: a sample ends when its "
                     "text ends with one; the stop string is not included.",
     )
@@ -113,23 +115,23 @@ class GenerateRequestBase(BaseModel):
         "error", description="Prompt characters outside the model's vocabulary: fail (422), drop them, or "
                              "replace them with `replacement`.",
     )
-    replacement: str = Field(" ", min_length=1, max_length=1,
+    replacement: str = Field(" ", **_bounds(minLength=1, maxLength=1),
                              description='The character that replaces unknown ones with "unknown": "replace".')
 
 
 def request_model(settings: ServeSettings) -> type[BaseModel]:
-    """``GenerateRequest`` with this server's caps in its constraints (and so in the schema)."""
+    """``GenerateRequest`` with this server's caps in its schema."""
     return create_model(
         "GenerateRequest",
         __base__=GenerateRequestBase,
         __doc__="A generation request. Every field is optional; unknown fields are refused.",
-        prompt=(str, Field("", max_length=settings.max_prompt_chars,
+        prompt=(str, Field("", **_bounds(maxLength=settings.max_prompt_chars),
                            description="Text to continue (not repeated in the output). Empty: start a new "
                                        "paragraph. Lowercased if the model was trained lowercased.")),
-        max_chars=(int, Field(DEFAULT_MAX_CHARS, ge=1, le=settings.max_chars_cap,
+        max_chars=(int, Field(DEFAULT_MAX_CHARS, **_bounds(minimum=1, maximum=settings.max_chars_cap),
                               description="Characters to generate per sample (this server's cap: "
                                           f"{settings.max_chars_cap:,}).")),
-        n=(int, Field(1, ge=1, le=settings.n_cap,
+        n=(int, Field(1, **_bounds(minimum=1, maximum=settings.n_cap),
                       description=f"Samples of the prompt (at most {settings.n_cap}); each is a row of the batch.")),
     )
 
@@ -180,15 +182,9 @@ def error_response(status: int, message: str, fields: list[str] | None = None,
     return JSONResponse({"error": message, "fields": fields or []}, status_code=status, headers=headers)
 
 
-FIELD_HINTS = {
-    "max_chars": "this server's cap is max_chars_cap",
-    "n": "this server's limit is max_n",
-    "prompt": "this server's limit is max_prompt_chars",
-}
-
-
 def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-    """Pydantic's errors -> one message naming every field at fault."""
+    """Pydantic's errors (the body's JSON shape and types) -> one message naming every field at
+    fault. The values are checked by ``serve.params`` (``ParamError``, ``param_response``)."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         reason = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
@@ -203,17 +199,13 @@ def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JS
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         field = loc[0] if loc else "body"
         if field == "stop":
-            message = (f"stop: must be a string or a list of at most {MAX_STOPS} strings, each of 1 to "
-                       f"{MAX_STOP_CHARS} characters")
+            message = f"stop: {request.app.state.limits.stop_rule()}"
+        elif e.get("type") == "extra_forbidden":
+            message = f"{field}: unknown field (known: {', '.join(request.app.state.request_fields)})"
         else:
             message = f"{'.'.join(loc) or 'body'}: {e.get('msg')}"
-            if e.get("type") not in ("missing", "extra_forbidden") and "input" in e:
-                shown = json.dumps(e["input"], default=str)
-                message += f", got {shown if len(shown) <= 40 else shown[:37] + '...'}"
-            if field in FIELD_HINTS and e.get("type") in ("less_than_equal", "string_too_long"):
-                message += f" ({FIELD_HINTS[field]})"
-            if e.get("type") == "extra_forbidden":
-                message = f"{field}: unknown field (known: {', '.join(request.app.state.request_fields)})"
+            if e.get("type") != "missing" and "input" in e:
+                message += f", got {shown(e['input'])}"
         if message not in messages:
             messages.append(message)
         if field not in fields:
@@ -272,6 +264,11 @@ class _State:
         self.engine: Engine | None = None
         self.model_info: dict[str, Any] = {}
 
+    def live_engine(self) -> Engine:
+        if self.engine is None:
+            raise EngineClosed("the model is not loaded")
+        return self.engine
+
 
 def create_app(
     model_path: str | Path | None = None,
@@ -285,6 +282,32 @@ def create_app(
         raise ValueError("give model_path or generator (one of them)")
     settings = settings or ServeSettings()
     state = _State()
+    app = FastAPI(
+        title="textgen",
+        version=_version(),
+        summary="Character-level LSTM text generation (one ONNX file, onnxruntime, continuous batching).",
+        lifespan=_lifespan(state, settings, model_path, generator),
+    )
+    GenerateRequest = request_model(settings)
+    app.state.request_fields = sorted(GenerateRequest.model_fields)
+    app.state.limits = settings.limits()
+    app.state.textgen = state
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    _add_exception_handlers(app, settings)
+    _add_probe_routes(app, state)
+    _add_generate_route(app, state, GenerateRequest)
+    return app
+
+
+def _version() -> str:
+    try:
+        return metadata.version("textgen")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _lifespan(state: _State, settings: ServeSettings, model_path: str | Path | None, generator: Generator | None):
+    """Load the model (unless given) and run the engine while the app runs."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -301,20 +324,11 @@ def create_app(
             engine, state.engine = state.engine, None
             engine.close()
 
-    try:
-        version = metadata.version("textgen")
-    except metadata.PackageNotFoundError:
-        version = "0+unknown"
-    app = FastAPI(
-        title="textgen",
-        version=version,
-        summary="Character-level LSTM text generation (one ONNX file, onnxruntime, continuous batching).",
-        lifespan=lifespan,
-    )
-    GenerateRequest = request_model(settings)
-    app.state.request_fields = sorted(GenerateRequest.model_fields)
-    app.state.textgen = state
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return lifespan
+
+
+def _add_exception_handlers(app: FastAPI, settings: ServeSettings) -> None:
+    """Every refusal as ``{"error", "fields"}`` JSON with its status (see the module docstring)."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -324,9 +338,9 @@ def create_app(
     async def _http(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    @app.exception_handler(FieldError)
-    async def _field(request: HTTPRequest, exc: FieldError) -> JSONResponse:
-        return error_response(422, str(exc), [exc.field])
+    @app.exception_handler(ParamError)
+    async def _param(request: HTTPRequest, exc: ParamError) -> JSONResponse:
+        return error_response(422, exc.detail(), exc.fields)
 
     @app.exception_handler(EngineBusy)
     async def _busy(request: HTTPRequest, exc: EngineBusy) -> JSONResponse:
@@ -337,10 +351,9 @@ def create_app(
         return error_response(503, f"not accepting requests: {exc}",
                               headers={"Retry-After": str(settings.retry_after_s)})
 
-    def engine() -> Engine:
-        if state.engine is None:
-            raise EngineClosed("the model is not loaded")
-        return state.engine
+
+def _add_probe_routes(app: FastAPI, state: _State) -> None:
+    """Liveness, readiness, counters and the model's metadata."""
 
     @app.get("/healthz", summary="Liveness", responses={503: {"description": "The engine thread died."}})
     async def healthz() -> JSONResponse:
@@ -360,33 +373,28 @@ def create_app(
 
     @app.get("/v1/stats", summary="Engine counters")
     async def stats() -> dict[str, Any]:
-        return engine().stats()
+        return state.live_engine().stats()
 
     @app.get("/v1/model", summary="Model metadata and this server's limits")
     async def model() -> dict[str, Any]:
-        engine()
+        state.live_engine()
         return state.model_info
 
-    @app.post(
-        "/v1/generate",
-        summary="Generate text",
-        response_model=GenerateResponse,
-        responses={
-            200: {"content": {"text/event-stream": {"schema": {
-                "type": "string",
-                "description": "With stream=true: events delta {index, text}, finish {index, finish_reason, "
-                               "chars}, done {the response without texts}, error {error}.",
-            }}}},
-            **ERROR_RESPONSES,
-        },
-    )
+
+STREAM_RESPONSE = {"content": {"text/event-stream": {"schema": {
+    "type": "string",
+    "description": "With stream=true: events delta {index, text}, finish {index, finish_reason, chars}, "
+                   "done {the response without texts}, error {error}.",
+}}}}
+
+
+def _add_generate_route(app: FastAPI, state: _State, GenerateRequest: type[BaseModel]) -> None:
+    @app.post("/v1/generate", summary="Generate text", response_model=GenerateResponse,
+              responses={200: STREAM_RESPONSE, **ERROR_RESPONSES})
     async def generate(body: GenerateRequest, request: HTTPRequest):  # type: ignore[valid-type]
-        e = engine()
-        job = e.prepare(
-            body.prompt, n=body.n, max_chars=body.max_chars, temperature=body.temperature, top_k=body.top_k,
-            top_p=body.top_p, seed=body.seed, stop=body.stop, unknown=body.unknown,
-            replacement=body.replacement, stream=body.stream,
-        )
+        e = state.live_engine()
+        fields = body.model_dump(exclude={"prompt", "stream"})  # type: ignore[attr-defined]
+        job = e.prepare(body.prompt, e.params(**fields), body.stream)  # type: ignore[attr-defined]
         ticket = e.submit(job)
         headers = {"X-Textgen-Id": f"gen-{ticket.id}"}  # not X-Request-Id: Ray Serve sets that one
         if job.seed is not None:
@@ -398,8 +406,6 @@ def create_app(
         if result is None:  # nobody is listening; 499 is nginx's "client closed request" (for the log)
             return Response(status_code=499)
         return JSONResponse(result, headers=headers)
-
-    return app
 
 
 def app_from_env() -> FastAPI:
@@ -434,8 +440,8 @@ def model_metadata(gen: Generator, settings: ServeSettings) -> dict[str, Any]:
             "max_rows": settings.max_rows,
             "max_body_bytes": settings.max_body_bytes,
         },
-        "defaults": {"max_chars": DEFAULT_MAX_CHARS, "temperature": DEFAULT_TEMPERATURE, "top_k": 0, "top_p": 1.0,
-                     "n": 1, "unknown": "error"},
+        "defaults": {"max_chars": DEFAULT_MAX_CHARS, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
+                     "top_p": DEFAULT_TOP_P, "n": 1, "unknown": "error"},
     }
 
 

@@ -2,15 +2,16 @@
 ``serve`` the web stack), no TensorFlow.
 
     textgen generate model.onnx --prompt "alice was " --max-chars 300 --temperature 0.8 --seed 1
-    textgen eval model.onnx --corpus textgen/data/alice_in_wonderland.txt
+    textgen eval model.onnx --corpus corpus.txt    # the bundled corpus: textgen.text.bundled_corpus_path()
     textgen serve model.onnx --port 8000          # HTTP on 127.0.0.1 (serve/http.py)
 
 ``generate`` streams the continuation to stdout as it is made (the prompt is not repeated).
 ``eval`` prints one JSON line: {"loss_nats", "bpc", "chars", "windows", "unknown_skipped", "split",
 "model_val_loss"}. ``serve`` runs uvicorn until stopped (Ctrl-C / SIGTERM: in-flight requests get
 up to ``GRACEFUL_SHUTDOWN_S`` to finish); its limits come from flags, else ``TEXTGEN_*``
-environment variables, else ``serve.engine.ServeSettings``' defaults. Mistakes (missing or
-corrupt model file, bad parameters, unknown prompt characters) print ``error: <what was wrong and what to do>`` on stderr and exit with status 2.
+environment variables, else ``serve.engine.ServeSettings``' defaults (its fields make the flags).
+Mistakes (missing or corrupt model file, bad parameters, unknown prompt characters) print ``error:
+<what was wrong and what to do>`` on stderr and exit with status 2 (``textgen.errors.report_errors``).
 
 ``textgen``'s parser imports this module for every command; the generator is imported when a
 command runs.
@@ -24,27 +25,17 @@ import math
 import os
 import secrets
 import sys
-from typing import Callable
 
-from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE
+from serve.params import DEFAULT_MAX_CHARS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, UNKNOWN_POLICIES
+from textgen import contract
 from textgen.errors import TextgenError as GeneratorError
+from textgen.errors import report_errors
+from textgen.text import bundled_corpus_path
 
-EXIT_USAGE = 2
-BUNDLED_CORPUS = "textgen/data/alice_in_wonderland.txt"
 GRACEFUL_SHUTDOWN_S = 20  # below Kubernetes' default 30 s grace period, so the pod exits on its own
 WORKERS_ENV = "TEXTGEN_WORKERS"
 MODEL_ENV = "TEXTGEN_MODEL"  # read by serve.http:app_from_env (the uvicorn factory of --workers > 1)
-SERVE_SETTING_HELP = {  # ServeSettings field -> help; defaults and env names are added below
-    "max_chars_cap": "most characters a request may ask for per sample",
-    "max_prompt_chars": "longest prompt accepted",
-    "max_n": "most samples per request",
-    "max_rows": "in-flight limit: rows (the sum of n) being served; more gets 429 + Retry-After",
-    "max_body_bytes": "largest request body; larger gets 413",
-    "threads": "onnxruntime intra-op threads of the engine (0 = one per core)",
-    "stream_interval_ms": "streamed characters are sent in chunks at most this old (the first at once)",
-    "retry_after_s": "the Retry-After of a 429",
-    "chunk_size": "characters per row per model call (lower: sooner first characters; higher: more throughput)",
-}
+SERVE_EXTRA = "textgen serve needs the serve extra: pip install 'textgen[serve]'"
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -56,9 +47,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                    help="0 = greedy (always the most likely character); lower is safer, higher "
                         "is wilder (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
                    help="sample among the K most likely characters only (default: 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
                    help="sample among the most likely characters holding probability P (default: 1 = off)")
     p.add_argument("--seed", type=int, metavar="S",
                    help="random seed: the same seed gives the same text (default: random, printed on stderr)")
@@ -66,7 +57,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="samples to make in one batched pass; sample i uses seed S + i (default: 1)")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the output ends with TEXT (not printed); repeat for several")
-    p.add_argument("--unknown", choices=("error", "skip", "replace"), default="error",
+    p.add_argument("--unknown", choices=UNKNOWN_POLICIES, default="error",
                    help="prompt characters outside the model's vocabulary: fail, drop them, or "
                         "replace them with --replacement (default: %(default)s)")
     p.add_argument("--replacement", default=" ", metavar="CHAR",
@@ -79,7 +70,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
     p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                    help="UTF-8 text file(s) or directories of *.txt, as given to `textgen train`; for "
-                        f"a model trained on the bundled corpus: {BUNDLED_CORPUS}")
+                        f"a model trained on the bundled corpus: {bundled_corpus_path()}")
     p.add_argument("--split", choices=("val", "all"), default="val",
                    help="val: the held-out tail that training validated on (its val_fraction); "
                         "all: the whole text (default: %(default)s)")
@@ -90,10 +81,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-    from serve.engine import ServeSettings
-
     p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default: %(default)s, this machine only; 0.0.0.0 for all)")
@@ -101,36 +88,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"server processes, each with its own model and engine; the limits below apply per "
                         f"process (default: 1, or ${WORKERS_ENV})")
-    for f in dataclasses.fields(ServeSettings):
-        kind = float if f.type == "float" else int
-        env = ServeSettings.env_name(f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, metavar="X" if kind is float else "N",
-                       help=f"{SERVE_SETTING_HELP[f.name]} (default: {f.default}, or ${env})")
+    try:
+        from serve.engine import ServeSettings
+    except ImportError:  # the base install: `textgen serve` says what to install when it runs
+        p.set_defaults(serve_missing=True)
+    else:
+        for name, f in ServeSettings.model_fields.items():  # one flag per setting, as declared there
+            help_text = f"{f.description} (default: {f.default}, or ${ServeSettings.env_name(name)})"
+            p.add_argument(ServeSettings.flag(name), type=f.annotation, metavar="X" if f.annotation is float else "N",
+                           help=help_text.replace("%", "%%"))
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="uvicorn's log level; info includes one access line per request (default: %(default)s)")
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    return _run(_generate, args)
+    return report_errors(_generate, args)
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    return _run(_eval, args)
+    return report_errors(_eval, args)
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    return _run(_serve, args)
-
-
-def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    try:
-        return command(args)
-    except GeneratorError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except OSError as e:  # unreadable model or corpus file
-        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+    return report_errors(_serve, args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -186,7 +166,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = OnnxModel.load(args.model, num_threads=args.num_threads)
     info = model.info
     if info.model_config.get("kind", "char") != "char" or not isinstance(info.model_config.get("seq_len"), int):
-        raise GeneratorError(f"{args.model}: textgen.model_config has no char-model seq_len; export it again")
+        raise GeneratorError(f"{args.model}: {contract.META_MODEL_CONFIG} has no char-model seq_len; export it again")
     seq_len = info.model_config["seq_len"]
     text = read_corpus(args.corpus, lowercase=info.lowercase).text
     ids, skipped = model.vocabulary.encode_counting(text, unknown="skip", what="corpus")
@@ -195,7 +175,7 @@ def _eval(args: argparse.Namespace) -> int:
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise GeneratorError(
                 f"{args.model} does not say which part of the corpus was held out (no val_fraction in "
-                "textgen.train_config); use --split all"
+                f"{contract.META_TRAIN_CONFIG}); use --split all"
             )
         ids = ids[len(ids) - held_out_length(len(ids), val_fraction) :]
     if len(ids) < seq_len + 1:
@@ -218,23 +198,19 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import dataclasses
+    if getattr(args, "serve_missing", False):
+        raise GeneratorError(SERVE_EXTRA)
+    try:
+        import uvicorn
 
-    import uvicorn
-
-    from serve.engine import ServeSettings
+        from serve.engine import ServeSettings
+        from serve.http import create_app
+    except ImportError as e:
+        raise GeneratorError(f"{SERVE_EXTRA} ({e})") from None
     from serve.generator import Generator
-    from serve.http import create_app
 
-    settings = ServeSettings.from_env(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
-    workers = args.workers
-    if workers is None:
-        raw = os.environ.get(WORKERS_ENV, "").strip() or "1"
-        if not raw.isdigit():
-            raise GeneratorError(f"{WORKERS_ENV}={raw!r} is not a number of processes")
-        workers = int(raw)
-    if workers < 1:
-        raise GeneratorError(f"--workers must be at least 1, got {workers}")
+    settings = ServeSettings.from_env(**{name: getattr(args, name) for name in ServeSettings.model_fields})
+    workers = _workers(args.workers)
     if not 0 <= args.port <= 65535:
         raise GeneratorError(f"--port must be 0 to 65535, got {args.port}")
     # Load here in every case: a bad model file fails now, with a clear message, before binding.
@@ -246,8 +222,21 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(generator=gen, settings=settings), **options)
     else:  # each worker process builds its app from the environment
         os.environ[MODEL_ENV] = os.path.abspath(args.model)
-        for f in dataclasses.fields(ServeSettings):
-            os.environ[ServeSettings.env_name(f.name)] = str(getattr(settings, f.name))
+        for name, value in settings.model_dump().items():
+            os.environ[ServeSettings.env_name(name)] = str(value)
         del gen
         uvicorn.run("serve.http:app_from_env", factory=True, workers=workers, **options)
     return 0
+
+
+def _workers(flag: int | None) -> int:
+    """--workers, else $TEXTGEN_WORKERS, else 1."""
+    workers = flag
+    if workers is None:
+        raw = os.environ.get(WORKERS_ENV, "").strip() or "1"
+        if not raw.isdigit():
+            raise GeneratorError(f"{WORKERS_ENV}={raw!r} is not a number of processes")
+        workers = int(raw)
+    if workers < 1:
+        raise GeneratorError(f"--workers must be at least 1, got {workers}")
+    return workers

@@ -1,15 +1,8 @@
 """The exported model behind one onnxruntime session: load, check the contract, run calls.
 
-The contract (written by ``export/onnx.py`` and ``export/generation.py``):
-
-    inputs    char_ids (B, T) int32; h_i, c_i (B, H_i) float32 for every LSTM layer i;
-              sample_noise (B, K, V) float32 (standard Gumbel noise; zeros for greedy rows),
-              temperature (B,) float32 (<= 0: greedy), top_k (B,) int64 (<= 0: off),
-              top_p (B,) float32 (>= 1: off)
-    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32; sampled_ids (B, K) int32
-    metadata  textgen.format_version "1", textgen.vocab (JSON list, index = id), textgen.lowercase,
-              textgen.model_config, textgen.train_config, textgen.metrics, textgen.state_inputs,
-              textgen.state_outputs, textgen.state_sizes, textgen.generation (JSON), ...
+The contract (``textgen.contract``: written by ``export/onnx.py`` and ``export/generation.py``):
+char_ids, the per-layer state, Gumbel noise and the (B,) temperature / top_k / top_p in; logits,
+the state and K sampled ids out; ``textgen.*`` metadata.
 
 One call consumes ``char_ids`` and then samples K characters in the graph (an ONNX ``Loop``); the
 state outputs are the state after ``char_ids`` and the first K - 1 sampled ids: the last one is
@@ -41,9 +34,9 @@ from textgen.errors import TextgenError as GeneratorError
 from textgen.text import Vocab, VocabError
 
 FORMAT_VERSION = str(C.FORMAT_VERSION)  # as the metadata writes it
-SETTING_INPUTS = ((C.TEMPERATURE, "tensor(float)", np.float32),  # (B,) each
-                  (C.TOP_K, "tensor(int64)", np.int64),
-                  (C.TOP_P, "tensor(float)", np.float32))
+# (name, ONNX type, numpy dtype) of the (B,) sampling settings.
+SETTING_INPUTS = tuple((name, f"tensor({C.DTYPES[name].replace('float32', 'float')})", np.dtype(C.DTYPES[name]))
+                       for name in C.SETTINGS)
 # Every error onnxruntime raises while loading a file (they derive from Exception directly).
 _ORT_LOAD_ERRORS = tuple(
     getattr(_ort_errors, n)
@@ -252,7 +245,7 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
     version = meta[C.META_FORMAT_VERSION]
     if version != FORMAT_VERSION:
         raise ModelFileError(
-            f"{path} has textgen.format_version {version!r}; this generator reads version {FORMAT_VERSION}; "
+            f"{path} has {C.META_FORMAT_VERSION} {version!r}; this generator reads version {FORMAT_VERSION}; "
             "export the model again with this version of textgen"
         )
     if C.META_GENERATION not in meta:  # a step model without the sampling loop
@@ -267,29 +260,29 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
     problems = []
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(c, str) and len(c) == 1 for c in vocab)
             and len(set(vocab)) == len(vocab)):
-        problems.append("textgen.vocab must be a list of two or more distinct single characters")
+        problems.append(f"{C.META_VOCAB} must be a list of two or more distinct single characters")
     else:
         try:
             Vocab(tuple(vocab))
         except VocabError as e:
-            problems.append(f"textgen.vocab: {e}")
+            problems.append(f"{C.META_VOCAB}: {e}")
     if not isinstance(lowercase, bool):
-        problems.append("textgen.lowercase must be true or false")
+        problems.append(f"{C.META_LOWERCASE} must be true or false")
     if not isinstance(model_config, dict):
-        problems.append("textgen.model_config must be a JSON object")
+        problems.append(f"{C.META_MODEL_CONFIG} must be a JSON object")
     if not (isinstance(ins, list) and isinstance(outs, list) and isinstance(sizes, list)
             and len(ins) == len(outs) == len(sizes) > 0 and all(isinstance(n, str) for n in ins + outs)
             and all(isinstance(h, int) and h > 0 for h in sizes)):
-        problems.append("textgen.state_inputs, state_outputs and state_sizes must be lists of equal, non-zero "
-                        "length (names, names, positive sizes)")
+        problems.append(f"{C.META_STATE_INPUTS}, {C.META_STATE_OUTPUTS} and {C.META_STATE_SIZES} must be lists "
+                        "of equal, non-zero length (names, names, positive sizes)")
     if not isinstance(generation, dict):
         problems.append(f"{C.META_GENERATION} must be a JSON object")
     if problems:
         raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
     optional = {}
-    for key in ("train_config", "metrics"):
-        value = _json(meta, f"textgen.{key}", path) if f"textgen.{key}" in meta else {}
-        optional[key] = value if isinstance(value, dict) else {}
+    for name, key in (("train_config", C.META_TRAIN_CONFIG), ("metrics", C.META_METRICS)):
+        value = _json(meta, key, path) if key in meta else {}
+        optional[name] = value if isinstance(value, dict) else {}
     return ModelInfo(
         vocab=tuple(vocab), lowercase=lowercase, state_inputs=tuple(ins), state_outputs=tuple(outs),
         state_sizes=tuple(sizes), model_config=model_config, generation=generation,

@@ -25,7 +25,6 @@ A replica whose engine thread died fails Ray Serve's health check and is replace
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
@@ -36,8 +35,6 @@ from ray.serve import Application
 from serve.engine import ServeSettings
 from serve.http import create_app
 from textgen.errors import TextgenError as GeneratorError
-
-SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ServeSettings))
 
 
 class RayServeArgs(BaseModel):
@@ -54,21 +51,14 @@ class RayServeArgs(BaseModel):
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per replica.")
 
     def settings(self) -> dict[str, Any]:
-        """The ServeSettings overrides given (unknown names refused)."""
+        """The ServeSettings overrides given, checked by ServeSettings now (not in the replicas)
+        and converted (``serve run`` passes strings); unknown names refused."""
         extra = dict(self.model_extra or {})
-        unknown = sorted(set(extra) - set(SETTING_NAMES))
+        unknown = sorted(set(extra) - set(ServeSettings.model_fields))
         if unknown:
-            known = sorted(set(RayServeArgs.model_fields) | set(SETTING_NAMES))
+            known = sorted(set(RayServeArgs.model_fields) | set(ServeSettings.model_fields))
             raise GeneratorError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        kinds = {f.name: float if f.type == "float" else int for f in dataclasses.fields(ServeSettings)}
-        values = {}
-        for name, value in extra.items():
-            try:
-                values[name] = kinds[name](value)
-            except (TypeError, ValueError):
-                raise GeneratorError(f"argument {name} must be a number, got {value!r}") from None
-        ServeSettings(**values)  # range checks now, not in the replicas
-        return values
+        return ServeSettings(**extra).model_dump(include=set(extra))
 
 
 @serve.deployment(name="textgen")

@@ -24,11 +24,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from textgen import cli
 from textgen import config as cfglib
-from textgen.errors import TextgenError
+from textgen.errors import RunFailed, TextgenError, report_errors
 
 DEFAULT_STORAGE = "runs/ray"
 CHECKPOINTS_TO_KEEP = 2  # the best two by val_loss; Ray also keeps the latest (for resume)
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.train",
         description="Train textgen as a Ray Train job (MultiWorkerMirroredStrategy across workers).",
     )
-    cli.add_train_args(p)
+    cfglib.add_train_args(p)
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="give every worker GPUs (--gpus-per-worker)")
     p.add_argument("--cpus-per-worker", type=float, default=1,
@@ -74,7 +73,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TextgenError("--gpus-per-worker needs --use-gpu")
     if args.gpus_per_worker is not None and args.gpus_per_worker <= 0:
         raise TextgenError(f"--gpus-per-worker must be positive, got {args.gpus_per_worker}")
-    _, train_cfg = cli.configs_from_args(args)
+    _, train_cfg = cfglib.configs_from_args(args)
     replicas = args.num_workers * replicas_per_worker(args)
     if train_cfg.batch_size % replicas:
         raise TextgenError(
@@ -106,7 +105,7 @@ def scaling_config(args: argparse.Namespace):
 
 def loop_config(args: argparse.Namespace) -> dict[str, Any]:
     """What every worker needs, as plain JSON-able values (absolute paths: workers chdir)."""
-    model_cfg, train_cfg = cli.configs_from_args(args)
+    model_cfg, train_cfg = cfglib.configs_from_args(args)
     return {
         "model": cfglib.to_dict(model_cfg),
         "train": cfglib.to_dict(train_cfg),
@@ -116,53 +115,64 @@ def loop_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int], None] | None = None) -> None:
+    """Runs on every Ray Train worker. ``on_epoch_start(epoch)``, if given, runs as each epoch starts."""
+    cfglib.quiet_tensorflow()
     import ray.train
     import tensorflow as tf
 
-    from jobs.faults import corpus_seen_by, maybe_inject_fault
-    from textgen import checkpoint as ckptlib
-    from textgen.train import fit, prepare_data
+    from textgen.train import fit
 
-    # Kernels use the worker's CPU share, not the whole machine; the inter-op pool keeps its
-    # default (a 1-thread inter-op pool measured no faster in a 2-worker job, and slower in one
-    # process, where the LSTM's loops and the collectives need it).
+    # Kernels use the worker's CPU share, not the whole machine; the inter-op pool keeps its default
+    # (the LSTM's loops and the collectives need it).
     tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
     tf.get_logger().setLevel("WARNING")  # not MultiWorkerMirroredStrategy's per-trace INFO lines
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-
     model_cfg = cfglib.model_config_from_dict(config["model"])
     train_cfg = cfglib.train_config_from_dict(config["train"])
+    data = _worker_data(config["corpus"], rank, model_cfg, train_cfg)
+    with tempfile.TemporaryDirectory(prefix="textgen-resume-") as local_copy:
+        fit(
+            model_cfg, train_cfg, data, RaySink(rank), strategy=strategy,
+            resume_from=_restored_checkpoint(local_copy), progress=False, log=_chief_log(rank),
+            on_epoch_start=on_epoch_start,
+        )
+
+
+def _worker_data(corpus: list[str] | None, rank: int, model_cfg, train_cfg):
+    """The corpus as this worker reads it; a worker that cannot says which one it is and where."""
+    import ray
+
+    from textgen.train import prepare_data
+
     try:
-        data = prepare_data(corpus_seen_by(rank, config["corpus"]), model_cfg, train_cfg)
+        return prepare_data(corpus, model_cfg, train_cfg)
     except TextgenError as e:  # e.g. the corpus is on the driver's machine but not on this node
         raise TextgenError(
             f"worker rank {rank} on node {ray.util.get_node_ip_address()}: {e} (every worker reads the "
             "corpus itself: put it on storage all nodes mount at the same path, or in the image)"
         ) from None
 
-    resume_from = None
-    restored = ray.train.get_checkpoint()
-    local_copy = tempfile.TemporaryDirectory(prefix="textgen-resume-")
-    if restored is not None:
-        resume_from = ckptlib.load_checkpoint(restored.to_directory(local_copy.name))
 
+def _restored_checkpoint(local_copy: str):
+    """The checkpoint Ray restarts this run from (copied into ``local_copy``), or None."""
+    import ray.train
+
+    from textgen import checkpoint as ckptlib
+
+    restored = ray.train.get_checkpoint()
+    return None if restored is None else ckptlib.load_checkpoint(restored.to_directory(local_copy))
+
+
+def _chief_log(rank: int) -> Callable[[str], None]:
     def log(msg: str) -> None:
         # Not print(): Ray Train patches it to go to both stdout and the root logger (twice on screen).
         if rank == 0:
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
 
-    fit(
-        model_cfg, train_cfg, data, RaySink(rank),
-        strategy=strategy, resume_from=resume_from, progress=False, log=log,
-        on_epoch_start=lambda epoch: maybe_inject_fault(rank, epoch, config["run_name"]),
-    )
-    local_copy.cleanup()
+    return log
 
 
 class RaySink:
@@ -192,7 +202,8 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if fs_type == "local" else f"{fs_type}://{checkpoint.path}"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> dict[str, Any]:
+    """Train on Ray with ``loop`` running on every worker; the summary of the finished run."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -209,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
     trainer = TensorflowTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config(args),
         scaling_config=scaling_config(args),
         run_config=RunConfig(
@@ -241,25 +252,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cli.quiet_tensorflow()
+def main(argv: Sequence[str] | None = None, loop: Callable[[dict[str, Any]], None] = train_loop_per_worker) -> int:
+    """The job's command line; ``loop`` is the per-worker function (tests pass one with faults)."""
+    cfglib.quiet_tensorflow()
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        if args.corpus:  # fail on the driver, not after workers started; workers re-check theirs
-            from textgen.text import corpus_files
+    return report_errors(lambda a: submit(a, loop), args)
 
-            corpus_files(args.corpus)
-        result = run(args)
-    except TextgenError as e:
-        cli.eprint(f"error: {e}")
-        return cli.EXIT_USAGE
-    except Exception as e:  # a failed run: say what Ray said, in one line, and where the run is
+
+def submit(args: argparse.Namespace, loop: Callable[[dict[str, Any]], None]) -> int:
+    check_args(args)
+    if args.corpus:  # fail on the driver, not after workers started; workers re-check theirs
+        from textgen.text import corpus_files
+
+        corpus_files(args.corpus)
+    try:
+        result = run(args, loop)
+    except Exception as e:  # a failed run: say what Ray said, in one line
         import ray.train
 
         if isinstance(e, ray.train.TrainingFailedError):
-            cli.eprint(f"error: training failed: {_root_cause(e)}")
-            return 1
+            raise RunFailed(f"training failed: {_root_cause(e)}") from None
         raise
     print(json.dumps(result), flush=True)
     return 0

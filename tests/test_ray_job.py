@@ -27,7 +27,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",  # see FACTS.md: token auth breaks `ray job submit` otherwise
+        RAY_AUTH_MODE="disabled",  # token auth (on once ray.init made a token) breaks `ray job submit`
         TF_CPP_MIN_LOG_LEVEL="2",
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **extra,
@@ -51,11 +51,14 @@ def _job_args(corpus: Path, storage: Path, name: str, epochs: int, *extra: str) 
     ]
 
 
-def _run_job(args: list[str], env=None, timeout=420) -> subprocess.CompletedProcess:
+def _run_job(args: list[str], env=None, timeout=420, module="jobs.train") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jobs.train", *args], cwd=REPO, env=env or _env(),
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env or _env(),
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+FAULTY_JOB = "tests.faulty_job"  # jobs.train with the faults the TEXTGEN_FAULT_* variables ask for
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
@@ -100,7 +103,7 @@ def test_corpus_missing_on_a_worker_fails_with_a_message_not_a_hang(corpus, tmp_
     # The driver sees the corpus; rank 1 looks for it where it is not (a node without the file).
     start = time.monotonic()
     args = _job_args(corpus, tmp_path / "runs", "hidden", 2, "--max-failures", "1")
-    proc = _run_job(args, env=_env(TEXTGEN_FAULT_HIDE_CORPUS_RANK="1"), timeout=300)
+    proc = _run_job(args, env=_env(TEXTGEN_FAULT_HIDE_CORPUS_RANK="1"), timeout=300, module=FAULTY_JOB)
     assert proc.returncode == 1, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if line.startswith("error: training failed: ")]
     assert len(said) == 1, proc.stderr[-3000:]  # Ray's own log lines may follow it
@@ -117,7 +120,7 @@ def test_worker_failure_recovers_from_the_last_checkpoint(corpus, tmp_path):
     args = _job_args(corpus, tmp_path / "runs", "fault", 4, "--max-failures", "1")
     args.remove("--corpus")
     args.remove(str(corpus))
-    proc = _run_job(args, env=env)
+    proc = _run_job(args, env=env, module=FAULTY_JOB)
     result = _result(proc)
     assert marker.exists()  # rank 1 really was killed at the start of epoch 3
     output = proc.stdout + proc.stderr

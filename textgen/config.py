@@ -2,13 +2,17 @@
 
 Every field maps one-to-one to a CLI flag (``lstm_units`` -> ``--lstm-units``). The configs are
 JSON-serialisable so that a checkpoint (and later the ONNX file) carries exactly what built it.
-This module imports nothing heavy: the generator and the CLI read it without TensorFlow.
+The training flags themselves are defined here too (``add_train_args``), once for ``textgen train``
+and ``python -m jobs.train``. This module imports nothing heavy: the generator and the CLIs read it
+without TensorFlow.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,3 +156,62 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training flags of ``textgen train`` and ``python -m jobs.train`` (one per config field)
+
+
+def _units(text: str) -> tuple[int, ...]:
+    try:
+        units = tuple(int(u) for u in text.replace("x", ",").split(",") if u.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 256,256, got {text!r}") from None
+    if not units:
+        raise argparse.ArgumentTypeError("give at least one LSTM size")
+    return units
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", metavar="PATH",
+                   help="UTF-8 text file(s) or directories of *.txt (default: the bundled Alice in Wonderland)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="model and training preset (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="maximum number of epochs")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget for the run, in minutes")
+    p.add_argument("--batch-size", type=int, help="global batch size in windows")
+    p.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    p.add_argument("--clipnorm", type=float, help="clip gradients to this global norm")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without improvement")
+    p.add_argument("--val-fraction", type=float, help="held-out tail of the corpus (0-0.5)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-lowercase", dest="lowercase", action="store_false", default=None,
+                   help="keep the corpus' case (the notebook lowercases)")
+    p.add_argument("--seq-len", type=int, help="characters per training window")
+    p.add_argument("--embedding-dim", type=int, help="embedding size")
+    p.add_argument("--lstm-units", type=_units, help="LSTM sizes, one per layer, e.g. 256,256")
+    p.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
+    p.add_argument("--mixed-precision", action="store_true", default=None,
+                   help="float16 compute with float32 logits (GPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's configs with the flags that were given."""
+    pre = preset(args.preset)
+    model = replace(
+        pre.model, seq_len=args.seq_len, embedding_dim=args.embedding_dim,
+        lstm_units=args.lstm_units, dropout=args.dropout,
+    )
+    train = replace(
+        pre.train, epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, clipnorm=args.clipnorm, patience=args.patience,
+        val_fraction=args.val_fraction, seed=args.seed, lowercase=args.lowercase,
+        mixed_precision=args.mixed_precision,
+    )
+    return model, train
+
+
+def quiet_tensorflow() -> None:
+    """TensorFlow's C++ INFO/WARNING lines bury the progress output; keep errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

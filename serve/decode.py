@@ -8,14 +8,19 @@ says which rows are done (``max_chars`` reached, or a stop string made: the row'
 there), ``keep`` continues with the rest. A ``Row`` keeps its ids and, for a stream, what it
 released: ``Row.release`` is the hold-back rule (a tail that may still become a stop string waits).
 
-``Generator`` drives a batch synchronously; the engine drives one with admission, prefill
-scheduling, cancellation and delivery on top. A row's text depends on its prompt, parameters and
+Rows reach a batch through ``Prompts``: every prompt but its last character is consumed first
+(K = 0 calls: ``OnnxModel.prefill`` for all that fit one call, ``chunk`` characters per call for a
+longer one), then its rows join, the last character pending; a lone prompt on an empty batch
+skips that, its whole prompt fed by the first chunk call. ``Generator`` drives prompts and batch
+synchronously; the engine drives them with admission, a prefill budget per iteration,
+cancellation and delivery on top. A row's text depends on its prompt, parameters and
 seed only: the graph computes every row as if alone and each row draws its noise from its own
 generator, in order, whatever the chunk sizes and whatever else shares the batch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -160,3 +165,67 @@ class Batch:
         self.noise.keep(keep)
         self.ends_stop = self.ends_stop[keep]
         self.joined = min(self.joined, len(keep))
+
+
+class _Prompt:
+    """The rows of one prompt (its samples) and how much of the prompt is consumed."""
+
+    __slots__ = ("rows", "ids", "done", "state")
+
+    def __init__(self, rows: list[Row], ids: np.ndarray) -> None:
+        self.rows, self.ids = rows, ids  # (T,) int32, T >= 1; ids[:-1] is consumed before joining
+        self.done = 0  # characters of ids[:-1] consumed
+        self.state: list[np.ndarray] | None = None  # (1, H) per state input after `done` characters
+
+    @property
+    def consumed(self) -> bool:
+        return self.state is not None and self.done == len(self.ids) - 1
+
+
+class Prompts:
+    """Prompts waiting to join a batch (see the module docstring)."""
+
+    def __init__(self, model: OnnxModel, chunk: float = math.inf) -> None:
+        self.model, self.chunk = model, chunk
+        self.waiting: list[_Prompt] = []
+
+    def add(self, rows: list[Row], ids: np.ndarray) -> None:
+        """``rows`` (samples of one prompt) join once ``ids`` (T,) but its last character is consumed."""
+        self.waiting.append(_Prompt(rows, ids))
+
+    def consume(self, batch: Batch, budget: float = math.inf) -> None:
+        """Consume up to about ``budget`` prompt characters; the rows of consumed prompts join ``batch``."""
+        model = self.model
+        if not batch.size and len(self.waiting) == 1 and len(self.waiting[0].ids) - 1 < self.chunk:
+            _join(batch, [self.waiting.pop()], [model.zero_state(1)], whole=True)
+            return
+        whole: list[_Prompt] = []  # prompts that fit one call: consumed together below
+        for p in self.waiting:
+            if budget <= 0:
+                break
+            left = len(p.ids) - 1 - p.done
+            if p.state is None and left <= self.chunk:
+                whole.append(p)
+                budget -= left
+                continue
+            piece = p.ids[p.done : p.done + int(min(left, self.chunk))]
+            _, p.state = model.run(piece[None], p.state)
+            p.done += len(piece)
+            budget -= len(piece)
+        if whole:
+            state = model.prefill([p.ids[:-1] for p in whole])  # (w, H); an empty part: zeros
+            for i, p in enumerate(whole):
+                p.done, p.state = len(p.ids) - 1, [s[i : i + 1] for s in state]
+        ready = [p for p in self.waiting if p.consumed]
+        if ready:
+            self.waiting = [p for p in self.waiting if not p.consumed]
+            _join(batch, ready, [p.state for p in ready])
+
+
+def _join(batch: Batch, prompts: list[_Prompt], states: list[list[np.ndarray]], whole: bool = False) -> None:
+    """One ``Batch.join`` for the rows of ``prompts``, each prompt's state (1, H) per input repeated
+    for its rows; pending: the last character, or (``whole``) the whole prompt."""
+    reps = [len(p.rows) for p in prompts]
+    state = [np.repeat(np.concatenate(parts), reps, axis=0) for parts in zip(*states)]
+    pending = np.concatenate([p.ids[None] if whole else p.ids[None, -1:] for p in prompts])
+    batch.join([r for p in prompts for r in p.rows], state, np.repeat(pending, reps, axis=0))

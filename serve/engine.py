@@ -1,35 +1,28 @@
 """The batching engine behind the HTTP service: ONE thread runs the model for every request.
 
-A model call has a fixed cost whatever its batch, so one request per call does not scale on a few
-cores; as LLM servers do, the requests of a server share a running batch (continuous batching,
-``serve.decode.Batch``):
+A model call has a fixed cost whatever its batch, so, as LLM servers do, the requests of a server
+share a running batch (continuous batching over ``serve.decode.Batch``):
 
-1. ``Engine.prepare`` takes a request's checked ``SamplingParams`` (made against ``Engine.limits``,
-   this server's caps) and its prompt (checked and encoded once) -> ``Request``.
-2. ``Engine.submit`` admits it, or raises ``EngineBusy`` at once when its rows (``n``) would take
-   the rows in flight past ``max_rows``: nothing waits in an unbounded queue.
+1. ``Engine.prepare``: a request's checked ``SamplingParams`` (against ``Engine.limits``, this
+   server's caps) and its prompt, checked and encoded once -> ``Request``.
+2. ``Engine.submit`` admits it, or raises ``EngineBusy`` at once when its ``n`` rows would take the
+   rows in flight past ``max_rows``: nothing waits in an unbounded queue.
 3. The engine thread consumes the newcomers' prompts but their last character (K = 0 calls):
-   prompts that fit one chunk together (``OnnxModel.prefill``: equal lengths share a call, equal
-   prompts run once), longer ones ``PREFILL_CHUNK`` characters per iteration between chunk calls,
-   so a long prompt delays the running streams a little instead of stalling them. Then the
-   request's ``n`` rows join the batch, their pending character the prompt's last one. A lone
-   newcomer on an idle engine skips that: its first chunk call takes the whole prompt.
-4. Every iteration is one chunk call for all rows (``Batch.step``): ``chunk_size`` characters per
-   row, sampled in the graph with every row's own settings and noise; per row: ``max_chars`` and
-   stop strings.
-5. Characters go to the request's event loop with ``loop.call_soon_threadsafe``, in chunks: a
-   row's first characters at once, then what accumulated every ``stream_interval_ms`` (one wake-up
-   of the loop per flush for all requests), held back while they may begin a stop string
-   (``Row.release``, as ``Generator.stream``).
+   prompts that fit one chunk together (``OnnxModel.prefill``), longer ones ``PREFILL_CHUNK``
+   characters per iteration between chunk calls, so a long prompt delays the running streams a
+   little instead of stalling them; then the request's rows join the batch, pending the prompt's
+   last character. A lone newcomer on an idle engine has its whole prompt in its first chunk call.
+4. Every iteration is one chunk call for all rows (``Batch.step``, ``chunk_size`` characters each).
+5. Characters go to the request's event loop (``loop.call_soon_threadsafe``) in chunks: a row's
+   first ones at once, then what accumulated every ``stream_interval_ms``, held back while they
+   may begin a stop string (``Row.release``, as ``Generator.stream``).
 6. Rows that finish (length, stop) or whose request is cancelled (``Engine.cancel``: the client
-   went away) leave the batch at once; their rows stop counting against ``max_rows``.
+   went away) leave the batch at once and stop counting against ``max_rows``.
 
-Determinism: row i of a request with seed s makes exactly ``Generator.generate(prompt, seed=s + i)``
-with the same parameters, whatever else shares the batch and whatever the chunk sizes
-(``serve.decode``; tests/test_http.py checks it).
-
-Nothing here imports FastAPI: ``ServeSettings`` (the service's settings, with their environment
-variables) lives here so that ``textgen serve`` can build its flags without the web stack.
+Row i of a request with seed s makes exactly ``Generator.generate(prompt, seed=s + i)`` with the
+same parameters, whatever shares the batch (``serve.decode``; tests/test_http.py checks it).
+Nothing here imports FastAPI: ``ServeSettings`` lives here so that ``textgen serve`` can build its
+flags without the web stack.
 """
 
 from __future__ import annotations
@@ -48,7 +41,7 @@ import numpy as np
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serve.decode import Batch, Row
+from serve.decode import Batch, Prompts, Row
 from serve.generator import Generator
 from serve.params import Limits, SamplingParams
 from textgen.errors import TextgenError
@@ -74,23 +67,19 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TEXTGEN_", env_ignore_empty=True, frozen=True, extra="forbid")
 
-    # About a few seconds of one stream in a busy batch (bench/RESULTS.md).
+    # Why each default (figures: bench/RESULTS.md). A few seconds of one stream in a busy batch:
     max_chars_cap: int = Field(10_000, ge=1, description="most characters a request may ask for per sample")
     # Consuming a prompt costs model time per character: the cap bounds what one request can take.
     max_prompt_chars: int = Field(10_000, ge=1, description="longest prompt accepted, in characters")
     max_n: int = Field(16, ge=1, description="most samples per request (n); each is a row of the batch")
-    # A request that would pass it is refused at once: no unbounded queue, and a step of the whole
-    # batch stays short (bench/RESULTS.md).
-    max_rows: int = Field(64, ge=1, description="in-flight limit: rows (the sum of n) being served; more gets "
-                                                "429 + Retry-After")
+    # A request that would pass it is refused at once: no queue, and a step of the batch stays short.
+    max_rows: int = Field(64, ge=1, description="in-flight limit: rows (the sum of n) being served; more gets 429")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body in bytes; larger gets 413")
     # 1 leaves the other core to the event loop.
     threads: int = Field(1, ge=0, description="onnxruntime intra-op threads of the engine (0 = one per core)")
-    # An event costs the server and its client several characters' worth of CPU: shorter intervals
-    # spend more on events than on making characters (bench/http_load.py, bench/RESULTS.md).
-    stream_interval_ms: float = Field(50.0, ge=0, allow_inf_nan=False,
-                                      description="streamed characters are sent in chunks at most this old, in "
-                                                  "ms (a row's first ones at once)")
+    # An event costs server and client several characters' worth of CPU (bench/http_load.py).
+    stream_interval_ms: float = Field(50.0, ge=0, allow_inf_nan=False, description="streamed characters are sent "
+                                      "in chunks at most this old, in ms (a row's first ones at once)")
     # About the time a typical request takes.
     retry_after_s: int = Field(1, ge=0, description="the Retry-After (seconds) of a request refused as busy")
     # Larger: fewer calls; smaller: a newcomer waits less for its first characters (about two calls).
@@ -98,11 +87,10 @@ class ServeSettings(BaseSettings):
                                                   "characters; higher: more throughput)")
 
     def __init__(self, **values: Any) -> None:
-        from_mapping = _FROM_MAPPING.get()
         try:
             super().__init__(**values)
         except ValidationError as e:
-            raise _settings_error(e, set(values) - (from_mapping or set())) from None
+            raise _settings_error(e, set(values) - (_FROM_MAPPING.get() or set())) from None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -150,19 +138,16 @@ def _settings_error(e: ValidationError, given: set[str]) -> SettingsError:
     """Pydantic's errors -> one message naming the flag and the variable of every bad setting."""
     problems = []
     for err in e.errors():
-        name = str(err["loc"][0]) if err["loc"] else ""
-        field = ServeSettings.model_fields.get(name)
+        name, value = str(err["loc"][0]) if err["loc"] else "", err.get("input")
+        field, env = ServeSettings.model_fields.get(name), ServeSettings.env_name(name)
+        kind = "a number" if field and field.annotation is float else "an integer"
+        floor = next((f" >= {m.ge}" for m in field.metadata if hasattr(m, "ge")), "") if field else ""
         if field is None:
             problems.append(f"unknown setting {name!r} (known: {', '.join(ServeSettings.model_fields)})")
-            continue
-        kind = "a number" if field.annotation is float else "an integer"
-        env, value = ServeSettings.env_name(name), err.get("input")
-        if name not in given and isinstance(value, str) and err["type"].endswith("_parsing"):
+        elif name not in given and isinstance(value, str) and err["type"].endswith("_parsing"):
             problems.append(f"{env}={value!r} is not {kind}")
-            continue
-        floor = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
-        problems.append(f"setting {name} ({ServeSettings.flag(name)}, {env}) must be {kind}"
-                        f"{'' if floor is None else f' >= {floor}'}, got {value!r}")
+        else:
+            problems.append(f"setting {name} ({ServeSettings.flag(name)}, {env}) must be {kind}{floor}, got {value!r}")
     return SettingsError("; ".join(problems))
 
 
@@ -174,10 +159,8 @@ class EngineBusy(Exception):
     """The in-flight limit is reached: retry after ``retry_after_s`` seconds."""
 
     def __init__(self, rows: int, in_flight: int, max_rows: int, retry_after_s: int) -> None:
-        super().__init__(
-            f"the server is busy: {in_flight} of its {max_rows} rows are in flight and this request needs "
-            f"{rows}; retry after {retry_after_s} s"
-        )
+        super().__init__(f"the server is busy: {in_flight} of its {max_rows} rows are in flight and this request "
+                         f"needs {rows}; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
@@ -197,10 +180,6 @@ class Request:
     @property
     def n(self) -> int:
         return self.params.n
-
-    @property
-    def prompt_chars(self) -> int:
-        return len(self.prompt_ids)
 
 
 class Delta(NamedTuple):
@@ -269,19 +248,6 @@ class Ticket:
 # The engine
 
 
-class _Prefill:
-    """A request whose prompt but its last character is being consumed (long prompts take several
-    iterations)."""
-
-    __slots__ = ("ticket", "ids", "done", "state")
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-        self.ids = ticket.request.prompt_ids[:-1]  # the last one is the pending character
-        self.done = 0  # characters of `ids` consumed
-        self.state: list[np.ndarray] | None = None  # (1, H) per state input after `done` characters
-
-
 Outbox = dict[asyncio.AbstractEventLoop, list[tuple[Ticket, Event]]]  # events per event loop
 
 
@@ -305,7 +271,7 @@ class Engine:
         self._error: str | None = None
         self._counts = dict(requests=0, rejected=0, cancelled=0, completed=0, failed=0, steps=0, chars=0)
         # Engine thread only.
-        self._prefilling: list[_Prefill] = []
+        self._prompts = Prompts(generator.model, PREFILL_CHUNK)
         self._batch = Batch(generator.model)
         self._interval = settings.stream_interval_ms / 1000
         self._next_flush = 0.0
@@ -342,14 +308,13 @@ class Engine:
         """Admit ``request`` (call on the event loop that will read the ticket). Raises
         ``EngineBusy`` if its rows do not fit under ``max_rows`` now, ``EngineClosed`` after
         ``close()`` or a failure."""
-        ticket = Ticket(request, asyncio.get_running_loop())
+        ticket, s = Ticket(request, asyncio.get_running_loop()), self.settings
         with self._lock:
             if self._closed or self._error is not None:
                 raise EngineClosed(self._error or "the server is shutting down")
-            if self._rows_in_flight + request.n > self.settings.max_rows:
+            if self._rows_in_flight + request.n > s.max_rows:
                 self._counts["rejected"] += 1
-                raise EngineBusy(request.n, self._rows_in_flight, self.settings.max_rows,
-                                 self.settings.retry_after_s)
+                raise EngineBusy(request.n, self._rows_in_flight, s.max_rows, s.retry_after_s)
             self._rows_in_flight += request.n
             self._requests_in_flight += 1
             self._counts["requests"] += 1
@@ -368,25 +333,12 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            counts = dict(self._counts)
-            in_flight = self._rows_in_flight
-            requests = self._requests_in_flight
-        return {
-            "ready": self.ready,
-            "rows_in_flight": in_flight,
-            "rows_decoding": self._batch.size,
-            "requests_in_flight": requests,
-            "max_rows": self.settings.max_rows,
-            "requests_total": counts["requests"],
-            "requests_completed": counts["completed"],
-            "requests_cancelled": counts["cancelled"],
-            "requests_rejected": counts["rejected"],
-            "requests_failed": counts["failed"],
-            "steps": counts["steps"],
-            "chars_generated": counts["chars"],
-            "uptime_s": round(time.monotonic() - self._started_at, 3),
-            "error": self._error,
-        }
+            c, rows, requests = dict(self._counts), self._rows_in_flight, self._requests_in_flight
+        return {"ready": self.ready, "rows_in_flight": rows, "rows_decoding": self._batch.size,
+                "requests_in_flight": requests, "max_rows": self.settings.max_rows, "requests_total": c["requests"],
+                **{f"requests_{k}": c[k] for k in ("completed", "cancelled", "rejected", "failed")},
+                "steps": c["steps"], "chars_generated": c["chars"],
+                "uptime_s": round(time.monotonic() - self._started_at, 3), "error": self._error}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; requests still running end with an ``End`` carrying an error."""
@@ -401,8 +353,8 @@ class Engine:
     def _run(self) -> None:
         try:
             while self._wait():
-                if self._prefilling:
-                    self._prefill()
+                if self._prompts.waiting:
+                    self._prompts.consume(self._batch, PREFILL_BUDGET)
                 if self._batch.size:
                     self._step()
             self._fail_all("the server is shutting down")
@@ -415,52 +367,19 @@ class Engine:
     def _wait(self) -> bool:
         """Wait for work; take the newcomers and the cancels. False: the engine is closing."""
         with self._lock:
-            while not (self._incoming or self._cancels or self._closed or self._prefilling or self._batch.size):
+            while not (self._incoming or self._cancels or self._closed or self._prompts.waiting or self._batch.size):
                 self._wake.wait()
             if self._closed:
                 return False
             incoming, self._incoming = self._incoming, []
             cancels, self._cancels = self._cancels, []
-        self._prefilling += [_Prefill(t) for t in incoming]
+        for t in incoming:
+            r = t.request
+            rows = [Row(r.params, self.chars, None if r.seed is None else r.seed + i, t, i) for i in range(r.n)]
+            self._prompts.add(rows, r.prompt_ids)
         if cancels:
             self._drop(cancels)
         return True
-
-    def _join(self, ticket: Ticket, state: list[np.ndarray], pending: np.ndarray) -> None:
-        """The request's n rows join the batch: its state (1, H) per input and pending (1, T)."""
-        r = ticket.request
-        rows = [Row(r.params, self.chars, None if r.seed is None else r.seed + i, ticket, i) for i in range(r.n)]
-        self._batch.join(rows, [np.repeat(s, r.n, axis=0) for s in state], np.repeat(pending, r.n, axis=0))
-
-    def _prefill(self) -> None:
-        model = self.generator.model
-        if not self._batch.size and len(self._prefilling) == 1 and len(self._prefilling[0].ids) < PREFILL_CHUNK:
-            # A lone newcomer on an idle engine: its first chunk call consumes the whole prompt.
-            p = self._prefilling.pop()
-            self._join(p.ticket, model.zero_state(1), p.ticket.request.prompt_ids[None])
-            return
-        budget = PREFILL_BUDGET
-        whole: list[_Prefill] = []  # prompts that fit one chunk: consumed together below
-        for p in self._prefilling:
-            if budget <= 0:
-                break
-            left = len(p.ids) - p.done
-            if p.state is None and left <= PREFILL_CHUNK:
-                whole.append(p)
-                budget -= left
-                continue
-            chunk = p.ids[p.done : p.done + min(left, PREFILL_CHUNK)]
-            _, p.state = model.run(chunk[None], p.state)
-            p.done += len(chunk)
-            budget -= len(chunk)
-        if whole:
-            state = model.prefill([p.ids for p in whole])  # (w, H); an empty prompt: zeros
-            for i, p in enumerate(whole):
-                p.done, p.state = len(p.ids), [s[i : i + 1] for s in state]
-        for p in self._prefilling:
-            if p.done == len(p.ids) and p.state is not None:
-                self._join(p.ticket, p.state, p.ticket.request.prompt_ids[None, -1:])
-        self._prefilling = [p for p in self._prefilling if not (p.done == len(p.ids) and p.state is not None)]
 
     def _step(self) -> None:
         b = self._batch
@@ -489,20 +408,16 @@ class Engine:
         b.joined = 0
         for j in rows:
             row = b.rows[j]
-            ticket = row.tag
-            if ticket.request.stream:
-                text = row.release(bool(done[j]))
-                if text:
-                    out.setdefault(ticket.loop, []).append((ticket, Delta(row.index, text)))
+            if row.tag.request.stream and (text := row.release(bool(done[j]))):
+                out.setdefault(row.tag.loop, []).append((row.tag, Delta(row.index, text)))
 
     def _finish(self, finished: list[int], out: Outbox) -> None:
         ended = 0
         for j in finished:
             row = self._batch.rows[j]
-            ticket = row.tag
-            text = None if ticket.request.stream else row.text()
-            out.setdefault(ticket.loop, []).append(
-                (ticket, Finish(row.index, "stop" if row.cut else "length", row.length, text)))
+            ticket, text = row.tag, None if row.tag.request.stream else row.text()
+            finish = Finish(row.index, "stop" if row.cut else "length", row.length, text)
+            out.setdefault(ticket.loop, []).append((ticket, finish))
             ticket._rows_left -= 1
             if ticket._rows_left == 0:
                 out[ticket.loop].append((ticket, End(None)))
@@ -515,7 +430,7 @@ class Engine:
     def _drop(self, tickets: list[Ticket]) -> None:
         """Cancelled requests leave the prompt queue and the batch."""
         gone = {t.id for t in tickets}
-        self._prefilling = [p for p in self._prefilling if p.ticket.id not in gone]
+        self._prompts.waiting = [p for p in self._prompts.waiting if p.rows[0].tag.id not in gone]
         b = self._batch
         keep = [i for i, row in enumerate(b.rows) if row.tag.id not in gone]
         if len(keep) < b.size:
@@ -531,7 +446,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """End every request still admitted (shutdown or failure) with ``message``."""
-        tickets = {p.ticket.id: p.ticket for p in self._prefilling}
+        tickets = {p.rows[0].tag.id: p.rows[0].tag for p in self._prompts.waiting}
         tickets.update({row.tag.id: row.tag for row in self._batch.rows})
         with self._lock:
             self._closed = True
@@ -541,7 +456,7 @@ class Engine:
             self._counts["failed"] += len(failed)
             self._rows_in_flight = 0
             self._requests_in_flight = 0
-        self._prefilling = []
+        self._prompts.waiting = []
         self._batch = Batch(self.generator.model)
         out: Outbox = {}
         for t in failed:

@@ -27,15 +27,13 @@ for a list), and the HTTP engine makes that text too.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypedDict, Unpack
 
 import numpy as np
 
-from serve.decode import Batch, Row
+from serve.decode import Batch, Prompts, Row
 from serve.onnx_model import OnnxModel
 from serve.params import (
-    DEFAULT_MAX_CHARS,
-    DEFAULT_TEMPERATURE,
     MAX_CHARS_CAP,
     MAX_PROMPT_CHARS,
     Limits,
@@ -53,6 +51,20 @@ MAX_BATCH_CHARS = 16_000_000  # rows x max_chars of one call: the generated ids 
 # come in short bursts (bench/RESULTS.md, bench/generation.py).
 DEFAULT_CHUNK = 32
 FIRST_CHUNK = 8  # the first call's (it also consumes the prompt): the first characters come sooner
+
+
+class Options(TypedDict, total=False):
+    """The keyword arguments of ``generate``, ``stream`` and ``generate_batch`` (``SamplingParams``;
+    its defaults apply)."""
+
+    max_chars: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: str | Sequence[str] | None
+    unknown: str
+    replacement: str
 
 
 class Generator:
@@ -110,68 +122,36 @@ class Generator:
 
     # -- public API -----------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str = "",
-        *,
-        max_chars: int = DEFAULT_MAX_CHARS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        unknown: str = "error",
-        replacement: str = " ",
-    ) -> str:
+    def generate(self, prompt: str = "", **options: Unpack[Options]) -> str:
         """The continuation of ``prompt`` (the prompt itself is not included).
 
-        max_chars: characters to generate (at most ``max_chars_cap``). temperature: 0 = greedy,
-        else softmax temperature; top_k: keep the k most likely characters (0 = off); top_p: keep
-        the smallest set of characters holding this much probability (1 = off). seed: fixes the
-        text (None: fresh randomness). stop: a string or list of strings; generation ends when the
-        output ends with one, and the stop string is NOT included. unknown: what to do with prompt
-        characters the model does not know: "error", "skip", or "replace" (with ``replacement``)."""
-        params = SamplingParams(max_chars, temperature, top_k, top_p, seed, stop, 1, unknown, replacement,
-                                limits=self.limits)
-        return self.run([prompt], params)[0]
+        max_chars: characters to generate (at most ``max_chars_cap``; default 500). temperature:
+        0 = greedy, else softmax temperature (default 0.8); top_k: keep the k most likely characters
+        (0 = off); top_p: keep the smallest set of characters holding this much probability (1 =
+        off). seed: fixes the text (None: fresh randomness). stop: a string or list of strings;
+        generation ends when the output ends with one, and the stop string is NOT included.
+        unknown: what to do with prompt characters the model does not know: "error", "skip", or
+        "replace" (with ``replacement``, default a space). Defaults: ``serve.params``."""
+        return self.run([prompt], self.params(**options))[0]
 
-    def stream(
-        self,
-        prompt: str = "",
-        *,
-        max_chars: int = DEFAULT_MAX_CHARS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        unknown: str = "error",
-        replacement: str = " ",
-    ) -> Iterator[str]:
+    def stream(self, prompt: str = "", **options: Unpack[Options]) -> Iterator[str]:
         """``generate``, one character at a time as they are made (same arguments, same text; the
         model makes them a chunk at a time).
 
         Arguments are checked before the first character (a bad one raises on the call, not on
         the first ``next``). With stop strings, a character that may begin a stop string is held
         back until it is clear that it does not (``decode.Row.release``)."""
-        params = SamplingParams(max_chars, temperature, top_k, top_p, seed, stop, 1, unknown, replacement,
-                                limits=self.limits)
-        rows, prompts = self._rows([prompt], params, [params.seed])
-        return self._stream(rows[0], prompts[0])
+        params = self.params(**options)
+        rows, ids = self._rows([prompt], params, [params.seed])
+        return self._stream(rows[0], ids[0])
 
     def generate_batch(
         self,
         prompts: Sequence[str] | int,
         *,
         prompt: str = "",
-        max_chars: int = DEFAULT_MAX_CHARS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_k: int = 0,
-        top_p: float = 1.0,
         seed: int | Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
-        unknown: str = "error",
-        replacement: str = " ",
+        **options: Unpack[Options],
     ) -> list[str]:
         """Many samples in one pass: one batched model call per chunk for all running rows.
 
@@ -184,8 +164,7 @@ class Generator:
             )
         n = prompts if isinstance(prompts, int) else len(prompts)
         seeds = seed if isinstance(seed, (list, tuple, np.ndarray)) else None
-        params = SamplingParams(max_chars, temperature, top_k, top_p, None if seeds is not None else seed, stop, n,
-                                unknown, replacement, limits=self.limits)
+        params = self.params(**options, seed=None if seeds is not None else seed, n=n)
         if n * params.max_chars > MAX_BATCH_CHARS:
             raise ParamError.of("n", f"{n:,} prompts x max_chars {params.max_chars:,} is more than "
                                      f"{MAX_BATCH_CHARS:,} characters for one call; ask for fewer samples or "
@@ -195,8 +174,12 @@ class Generator:
         elif len(seeds) != n:
             raise ParamError.of("seed", f"got {len(seeds)} seeds for {n} prompts; give one seed per prompt or one int")
         else:
-            seeds = [SamplingParams(seed=s, limits=self.limits).seed for s in seeds]  # each checked
+            seeds = [self.params(seed=s).seed for s in seeds]  # each checked
         return self.run([prompt] * n if isinstance(prompts, int) else list(prompts), params, seeds)
+
+    def params(self, **options: Any) -> SamplingParams:
+        """``SamplingParams`` checked against this generator's caps."""
+        return SamplingParams(**options, limits=self.limits)
 
     def run(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int | None] | None = None
             ) -> list[str]:
@@ -224,18 +207,15 @@ class Generator:
         chars = self.model.vocabulary.chars
         return [Row(params, chars, seed) for seed in seeds], ids
 
-    def _decode(self, rows: list[Row], prompts: list[np.ndarray]) -> Iterator[np.ndarray]:
+    def _decode(self, rows: list[Row], prompt_ids: list[np.ndarray]) -> Iterator[np.ndarray]:
         """Run ``rows`` to their ends, yielding after every model call which of the running rows
         (``batch.rows`` of that moment) are done."""
         if not rows or rows[0].params.max_chars == 0:
             return
-        model = self.model
-        batch = Batch(model)
-        if len(rows) == 1:  # the whole prompt in the first call
-            batch.join(rows, model.zero_state(1), prompts[0][None])
-        else:  # every prompt but its last character first (K = 0), then that one is pending
-            batch.join(rows, model.prefill([p[:-1] for p in prompts]),
-                       np.array([p[-1] for p in prompts], np.int32)[:, None])
+        batch, prompts = Batch(self.model), Prompts(self.model)
+        for row, ids in zip(rows, prompt_ids):
+            prompts.add([row], ids)
+        prompts.consume(batch)  # all at once: the lone prompt whole in the first call, else one prefill
         chunk = FIRST_CHUNK
         while batch.size:
             done, _ = batch.step(batch.steps(chunk))

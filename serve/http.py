@@ -460,7 +460,7 @@ def _summary(ticket: Ticket, finishes: list[Finish | None], texts: bool) -> dict
         "id": f"gen-{ticket.id}",
         "seed": r.seed,
         "choices": choices,
-        "usage": {"prompt_chars": r.prompt_chars, "generated_chars": sum(c["chars"] for c in choices)},
+        "usage": {"prompt_chars": len(r.prompt_ids), "generated_chars": sum(c["chars"] for c in choices)},
         "elapsed_s": round(time.monotonic() - ticket.started, 6),
     }
 

@@ -39,8 +39,9 @@ import time
 import zlib
 from pathlib import Path
 
+from textgen.text import bundled_corpus_path
+
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED_CORPUS = REPO / "textgen" / "data" / "alice_in_wonderland.txt"
 DEFAULT_MODEL = REPO / "runs" / "default" / "model.onnx"
 RANDOM_MODEL = Path("/tmp/textgen-bench/random-2x256.onnx")
 GOALS = {
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help=f"exported model (default: {DEFAULT_MODEL.relative_to(REPO)})")
     p.add_argument("--random-weights", action="store_true",
                    help=f"measure a random-weight default-preset model (exported once to {RANDOM_MODEL})")
-    p.add_argument("--corpus", type=Path, default=BUNDLED_CORPUS, help="corpus for the quality figures")
+    p.add_argument("--corpus", type=Path, default=bundled_corpus_path(), help="corpus for the quality figures")
     p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated parts to run, of: %(default)s (default: all)")
     p.add_argument("--threads", default="1,2", help="onnxruntime threads of the batch part, comma-separated "

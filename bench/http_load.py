@@ -172,8 +172,9 @@ async def one_request(client: Client, body: dict, result: dict) -> None:
 
 
 class Client:
-    """POST /v1/generate with aiohttp (C HTTP parser: ~5 µs of client CPU per character here) or
-    httpx (pure-Python h11: ~30 µs, which on a 2-core box takes CPU from the server it measures)."""
+    """POST /v1/generate with aiohttp (a C HTTP parser: little client CPU per character) or httpx
+    (pure-Python h11: several times more, which on a small box takes CPU from the server it
+    measures; bench/RESULTS.md)."""
 
     def __init__(self, kind: str, base: str, connections: int) -> None:
         self.kind, self.url = kind, f"{base}/v1/generate"

@@ -236,6 +236,25 @@ def _json(meta: dict[str, str], key: str, path: str) -> Any:
 
 
 def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
+    _check_version(meta, path)
+    v = {key: _json(meta, key, path) for key in (*REQUIRED_METADATA, C.META_GENERATION) if key != C.META_FORMAT_VERSION}
+    problems = _metadata_problems(v)
+    if problems:
+        raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
+    optional = {}
+    for name, key in (("train_config", C.META_TRAIN_CONFIG), ("metrics", C.META_METRICS)):
+        value = _json(meta, key, path) if key in meta else {}
+        optional[name] = value if isinstance(value, dict) else {}
+    return ModelInfo(
+        vocab=tuple(v[C.META_VOCAB]), lowercase=v[C.META_LOWERCASE], state_inputs=tuple(v[C.META_STATE_INPUTS]),
+        state_outputs=tuple(v[C.META_STATE_OUTPUTS]), state_sizes=tuple(v[C.META_STATE_SIZES]),
+        model_config=v[C.META_MODEL_CONFIG], generation=v[C.META_GENERATION],
+        exported_at=meta.get(C.META_EXPORTED_AT), **optional,
+    )
+
+
+def _check_version(meta: dict[str, str], path: str) -> None:
+    """A textgen file of this format version, with the sampling loop."""
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelFileError(
@@ -250,13 +269,11 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
         )
     if C.META_GENERATION not in meta:  # a step model without the sampling loop
         raise ModelFileError(f"{path}: {OLDER_TEXTGEN} (it has no {C.META_GENERATION} metadata and no sampling loop)")
-    generation = _json(meta, C.META_GENERATION, path)
-    vocab = _json(meta, C.META_VOCAB, path)
-    lowercase = _json(meta, C.META_LOWERCASE, path)
-    model_config = _json(meta, C.META_MODEL_CONFIG, path)
-    ins = _json(meta, C.META_STATE_INPUTS, path)
-    outs = _json(meta, C.META_STATE_OUTPUTS, path)
-    sizes = _json(meta, C.META_STATE_SIZES, path)
+
+
+def _metadata_problems(v: dict[str, Any]) -> list[str]:
+    """What is wrong with the parsed metadata values (key -> value)."""
+    vocab, ins, outs, sizes = v[C.META_VOCAB], v[C.META_STATE_INPUTS], v[C.META_STATE_OUTPUTS], v[C.META_STATE_SIZES]
     problems = []
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(c, str) and len(c) == 1 for c in vocab)
             and len(set(vocab)) == len(vocab)):
@@ -266,28 +283,18 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
             Vocab(tuple(vocab))
         except VocabError as e:
             problems.append(f"{C.META_VOCAB}: {e}")
-    if not isinstance(lowercase, bool):
+    if not isinstance(v[C.META_LOWERCASE], bool):
         problems.append(f"{C.META_LOWERCASE} must be true or false")
-    if not isinstance(model_config, dict):
+    if not isinstance(v[C.META_MODEL_CONFIG], dict):
         problems.append(f"{C.META_MODEL_CONFIG} must be a JSON object")
     if not (isinstance(ins, list) and isinstance(outs, list) and isinstance(sizes, list)
             and len(ins) == len(outs) == len(sizes) > 0 and all(isinstance(n, str) for n in ins + outs)
             and all(isinstance(h, int) and h > 0 for h in sizes)):
         problems.append(f"{C.META_STATE_INPUTS}, {C.META_STATE_OUTPUTS} and {C.META_STATE_SIZES} must be lists "
                         "of equal, non-zero length (names, names, positive sizes)")
-    if not isinstance(generation, dict):
+    if not isinstance(v[C.META_GENERATION], dict):
         problems.append(f"{C.META_GENERATION} must be a JSON object")
-    if problems:
-        raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
-    optional = {}
-    for name, key in (("train_config", C.META_TRAIN_CONFIG), ("metrics", C.META_METRICS)):
-        value = _json(meta, key, path) if key in meta else {}
-        optional[name] = value if isinstance(value, dict) else {}
-    return ModelInfo(
-        vocab=tuple(vocab), lowercase=lowercase, state_inputs=tuple(ins), state_outputs=tuple(outs),
-        state_sizes=tuple(sizes), model_config=model_config, generation=generation,
-        exported_at=meta.get(C.META_EXPORTED_AT), **optional,
-    )
+    return problems
 
 
 def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) -> None:

@@ -743,6 +743,349 @@ def test_generator_command_parses_with_the_textgen_cli(capsys: pytest.CaptureFix
 
 
 # ---------------------------------------------------------------------------------------------
+# Security: Ray token auth, NetworkPolicies, hardened pods
+
+RAY_TOKEN_SECRET = "textgen-ray-token"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName expects in the Secret
+RAY_UID = 1000  # user ray of the rayproject/ray images
+RAY_CONTROL_PORTS = (6379, 8265, 10001, 52365)  # GCS, dashboard/job API, Ray Client, dashboard agent
+SERVE_PORT = 8000
+NAMESPACE = "textgen"  # where the manifests are applied (any namespace: they name none)
+OPERATOR_NAMESPACE = "ray-system"
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/component": "kuberay-operator"}
+RAY_CLIENT_LABELS = {"textgen/ray-client": "true"}
+
+
+def submitter_template(doc: dict[str, Any]) -> dict[str, Any] | None:
+    return doc["spec"].get("submitterPodTemplate") if doc["kind"] == "RayJob" else None
+
+
+def ray_pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """(role, labels the pod gets, pod spec) of every pod a KubeRay resource makes: head, workers,
+    and a RayJob's submitter. KubeRay adds ray.io/node-type (not overridable) to head and workers."""
+    found = []
+    for name, group in ray_groups(doc):
+        labels = dict(group["template"].get("metadata", {}).get("labels", {}))
+        labels["ray.io/node-type"] = "head" if name == "head" else "worker"
+        found.append((name, labels, group["template"]["spec"]))
+    submitter = submitter_template(doc)
+    if submitter is not None:
+        found.append(("submitter", dict(submitter.get("metadata", {}).get("labels", {})), submitter["spec"]))
+    return found
+
+
+def ray_docs() -> list[dict[str, Any]]:
+    docs = [d for _, d in all_docs() if _is_ray_kind(d)]
+    assert docs, "no KubeRay resource in k8s/"
+    return docs
+
+
+def hardened_pods() -> list[tuple[str, dict[str, Any]]]:
+    """Every pod that must carry the generator's securityContext: Ray pods and the export Job."""
+    pods = [(f"{d['metadata']['name']}/{role}", spec) for d in ray_docs() for role, _, spec in ray_pod_templates(d)]
+    pods += [(f"Job/{d['metadata']['name']}", spec) for d in docs_of_kind("Job") for _, spec in pod_specs(d)]
+    return pods
+
+
+def test_every_ray_container_uses_token_auth_from_the_secret() -> None:
+    secrets = {d["metadata"]["name"]: d for d in docs_of_kind("Secret")}
+    assert RAY_TOKEN_SECRET in secrets, f"Secret {RAY_TOKEN_SECRET} is not in k8s/"
+    secret = secrets[RAY_TOKEN_SECRET]
+    assert RAY_TOKEN_KEY in {**secret.get("stringData", {}), **secret.get("data", {})}
+    for doc in ray_docs():
+        name = doc["metadata"]["name"]
+        # The operator itself calls the dashboard (job status, Serve config): it needs the token,
+        # which it only knows through authOptions.
+        assert ray_cluster_spec(doc).get("authOptions") == {"mode": "token", "secretName": RAY_TOKEN_SECRET}, (
+            f"{name}: authOptions must be mode token with secretName {RAY_TOKEN_SECRET}"
+        )
+        if doc["kind"] == "RayJob":
+            assert submitter_template(doc), f"{name}: no submitterPodTemplate, the submitter is not hardened"
+        for role, _, pod in ray_pod_templates(doc):
+            for container in containers(pod):
+                where = f"{name}/{role}/{container['name']}"
+                env = env_value_sources(container)
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE is not token"
+                token = env.get("RAY_AUTH_TOKEN", {})
+                assert "value" not in token, f"{where}: RAY_AUTH_TOKEN written into the manifest"
+                assert token.get("valueFrom", {}).get("secretKeyRef") == {
+                    "name": RAY_TOKEN_SECRET,
+                    "key": RAY_TOKEN_KEY,
+                }, f"{where}: RAY_AUTH_TOKEN is not taken from Secret {RAY_TOKEN_SECRET}/{RAY_TOKEN_KEY}"
+                assert "RAY_AUTH_TOKEN_PATH" not in env, f"{where}: RAY_AUTH_TOKEN_PATH would compete with the env"
+                names = [e["name"] for e in container.get("env", [])]
+                assert len(names) == len(set(names)), f"{where}: duplicate env names {names}"
+
+
+def test_ray_token_secret_is_a_template() -> None:
+    """No real token in the repository: the Secret holds a placeholder, created for real with openssl."""
+    secret = one("Secret", RAY_TOKEN_SECRET)
+    assert secret.get("type", "Opaque") == "Opaque"
+    assert "data" not in secret and secret["stringData"] == {RAY_TOKEN_KEY: "REPLACE_ME"}
+    text = (K8S_DIR / "secret.ray-token.yaml").read_text()
+    assert "openssl rand -hex 32" in text
+
+
+def test_crd_validation_catches_a_wrong_auth_mode() -> None:
+    """Guard: the CRD schema knows authOptions and rejects modes Ray does not have."""
+    rayjob = copy.deepcopy(one("RayJob", "textgen-train"))
+    rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "Token"
+    rayjob["spec"]["rayClusterSpec"]["authOptions"]["secret"] = RAY_TOKEN_SECRET
+    errors = "\n".join(crd_errors(rayjob))
+    assert "authOptions.mode: 'Token' is not one of" in errors
+    assert "'secret' was unexpected" in errors
+
+
+@pytest.mark.parametrize("where", [w for w, _ in hardened_pods()] + ["Deployment/textgen-generator"])
+def test_pods_run_hardened(where: str) -> None:
+    """Ray pods (head, workers, submitter) and the export Job: what the generator has -- non-root,
+    RuntimeDefault seccomp, no privilege escalation, every capability dropped, no SA token."""
+    pods = dict(hardened_pods())
+    pods["Deployment/textgen-generator"] = generator()[1]
+    pod = pods[where]
+    pod_security = pod.get("securityContext", {})
+    assert pod.get("automountServiceAccountToken") is False, f"{where}: the service-account token is mounted"
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+    for container in containers(pod):
+        security = container.get("securityContext", {})
+        at = f"{where}/{container['name']}"
+
+        def effective(key: str) -> Any:
+            return security.get(key, pod_security.get(key))
+
+        assert effective("runAsNonRoot") is True, f"{at}: runAsNonRoot"
+        assert effective("runAsUser") not in (None, 0), f"{at}: no runAsUser (or root)"
+        assert (effective("seccompProfile") or {}).get("type") == "RuntimeDefault", f"{at}: seccomp"
+        assert security.get("allowPrivilegeEscalation") is False, f"{at}: allowPrivilegeEscalation"
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], f"{at}: capabilities not all dropped"
+        assert not security.get("capabilities", {}).get("add"), f"{at}: adds capabilities"
+        assert not security.get("privileged"), f"{at}: privileged"
+        image = dockerfile_for(container["image"])
+        users = [u.split(":")[0] for u in image.all("USER")]
+        if image.all("FROM")[0].startswith("rayproject/ray:"):
+            # The Ray images run as user ray; a USER line would have to keep it.
+            assert effective("runAsUser") == RAY_UID, f"{at}: runAsUser is not the Ray images' uid {RAY_UID}"
+            assert users in ([], ["ray"], [str(RAY_UID)]), f"{image.path.name} changes USER to {users}"
+
+
+# NetworkPolicy semantics (networking.k8s.io/v1), enough to ask "may pod A reach pod B on port P?"
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector: matchLabels and matchExpressions all hold ({} matches everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": lambda: labels.get(key) in values,
+            "NotIn": lambda: key not in labels or labels[key] not in values,
+            "Exists": lambda: key in labels,
+            "DoesNotExist": lambda: key not in labels,
+        }[op]()
+        if not ok:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    namespace: str = NAMESPACE
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+def pod(name: str, labels: dict[str, str], namespace: str = NAMESPACE) -> Pod:
+    return Pod(name, tuple(sorted(labels.items())), namespace)
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return docs_of_kind("NetworkPolicy")
+
+
+def isolating_policies(target: Pod) -> list[dict[str, Any]]:
+    """The policies that select `target` for ingress (same namespace)."""
+    return [
+        p
+        for p in network_policies()
+        if target.namespace == NAMESPACE
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(p["spec"]["podSelector"], target.label_map)
+    ]
+
+
+def peer_matches(peer: dict[str, Any], source: Pod) -> bool:
+    if "ipBlock" in peer:
+        # Pod IPs are inside any catch-all block; narrower blocks are taken as outside the cluster.
+        return peer["ipBlock"]["cidr"] in ("0.0.0.0/0", "::/0")
+    if "namespaceSelector" in peer:
+        namespace_ok = selector_matches(peer["namespaceSelector"], source.namespace_labels)
+    else:
+        namespace_ok = source.namespace == NAMESPACE
+    return namespace_ok and selector_matches(peer.get("podSelector", {}), source.label_map)
+
+
+def port_matches(rule: dict[str, Any], port: int) -> bool:
+    if not rule.get("ports"):
+        return True
+    for entry in rule["ports"]:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        if "port" not in entry:
+            return True
+        assert isinstance(entry["port"], int), f"named port {entry['port']}: use numbers (tests cannot resolve)"
+        if entry["port"] <= port <= entry.get("endPort", entry["port"]):
+            return True
+    return False
+
+
+def admitted(source: Pod, target: Pod, port: int) -> bool:
+    policies = isolating_policies(target)
+    if not policies:
+        return True  # not isolated: everything gets in
+    return any(
+        (not rule.get("from") or any(peer_matches(peer, source) for peer in rule["from"])) and port_matches(rule, port)
+        for p in policies
+        for rule in p["spec"].get("ingress", [])
+    )
+
+
+def ray_cluster_pods(doc: dict[str, Any]) -> dict[str, Pod]:
+    """Role -> Pod for a KubeRay resource's head, workers (by group name) and submitter."""
+    name = doc["metadata"]["name"]
+    return {role: pod(f"{name}/{role}", labels) for role, labels, _ in ray_pod_templates(doc)}
+
+
+def outsiders() -> list[Pod]:
+    """Pods that must not reach any Ray cluster's control plane: anything else in the namespace."""
+    deployment, _, _ = generator()
+    found = [
+        pod("unlabelled", {}),
+        pod("random app", {"app": "intruder"}),
+        pod("generator", deployment["spec"]["template"]["metadata"]["labels"]),
+        pod("other namespace", {}, "elsewhere"),
+        pod("ray client elsewhere", RAY_CLIENT_LABELS, "elsewhere"),
+    ]
+    for job in docs_of_kind("Job"):
+        found.append(pod(f"Job/{job['metadata']['name']}", job["spec"]["template"]["metadata"]["labels"]))
+    return found
+
+
+def test_network_policies_select_every_ray_pod() -> None:
+    assert network_policies(), "no NetworkPolicy in k8s/"
+    for doc in ray_docs():
+        for role, ray_pod in ray_cluster_pods(doc).items():
+            assert isolating_policies(ray_pod), f"{ray_pod.name}: no NetworkPolicy isolates it (open to all pods)"
+    for policy in network_policies():
+        selected = [
+            p
+            for d in ray_docs()
+            for p in ray_cluster_pods(d).values()
+            if selector_matches(policy["spec"]["podSelector"], p.label_map)
+        ]
+        assert selected, f"NetworkPolicy {policy['metadata']['name']} selects no pod of the manifests (a typo?)"
+
+
+def test_network_policy_rules_never_open_a_ray_pod_to_everyone() -> None:
+    """No rule without `from`, and no match-all peer, except Serve's port on a RayService."""
+    for doc in ray_docs():
+        serve = doc["kind"] == "RayService"
+        for ray_pod in ray_cluster_pods(doc).values():
+            for policy in isolating_policies(ray_pod):
+                for rule in policy["spec"].get("ingress", []):
+                    where = f"{policy['metadata']['name']} (selects {ray_pod.name})"
+                    assert rule.get("from"), f"{where}: an ingress rule without `from` admits every source"
+                    ports = {p.get("port") for p in rule.get("ports", [])}
+                    for peer in rule["from"]:
+                        everyone = peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0") or (
+                            not peer.get("podSelector") and "ipBlock" not in peer
+                        )
+                        if everyone:
+                            assert serve and ports == {SERVE_PORT}, (
+                                f"{where}: peer {peer} admits every pod on {ports or 'all ports'}"
+                            )
+
+
+def test_only_what_must_reach_the_head_does() -> None:
+    docs = ray_docs()
+    operator = pod("kuberay-operator", OPERATOR_LABELS, OPERATOR_NAMESPACE)
+    client = pod("ray client", RAY_CLIENT_LABELS)
+    for doc in docs:
+        name, pods = doc["metadata"]["name"], ray_cluster_pods(doc)
+        head = pods["head"]
+        workers = [p for role, p in pods.items() if role not in ("head", "submitter")]
+        nodes = [head, *workers]
+        # The cluster's own pods: every port (Ray's raylet, object manager and worker ports are random).
+        for a in nodes:
+            for b in nodes:
+                for port in (*RAY_CONTROL_PORTS, 12345, 45678):
+                    assert admitted(a, b, port), f"{name}: {a.name} cannot reach {b.name}:{port}"
+        # The job API from the submitter, the operator and labelled clients; nothing else of theirs.
+        if "submitter" in pods:
+            assert admitted(pods["submitter"], head, 8265), f"{name}: the submitter cannot reach the job API"
+            for port in (6379, 10001, 12345):
+                assert not admitted(pods["submitter"], head, port), f"{name}: submitter reaches head:{port}"
+            for worker in workers:
+                assert not admitted(pods["submitter"], worker, 12345), f"{name}: submitter reaches {worker.name}"
+        assert admitted(operator, head, 8265), f"{name}: the KubeRay operator cannot reach the dashboard"
+        assert admitted(client, head, 8265) and admitted(client, head, 10001), f"{name}: labelled clients blocked"
+        for port in (6379, 52365, 12345):
+            assert not admitted(operator, head, port), f"{name}: the operator reaches head:{port}"
+            assert not admitted(client, head, port), f"{name}: a labelled client reaches head:{port}"
+        # Everyone else: other Ray clusters' pods, the generator, the export Job, unlabelled pods.
+        strangers = outsiders() + [p for other in docs if other is not doc for p in ray_cluster_pods(other).values()]
+        for stranger in strangers:
+            for target in nodes:
+                for port in (*RAY_CONTROL_PORTS, 12345):
+                    assert not admitted(stranger, target, port), f"{stranger.name} reaches {target.name}:{port}"
+        if doc["kind"] == "RayService":
+            for target in nodes:
+                assert admitted(pod("any pod", {"app": "web"}), target, SERVE_PORT), f"{target.name}: Serve blocked"
+                assert not admitted(pod("outside", {}, "elsewhere"), target, SERVE_PORT), target.name
+        else:
+            for target in nodes:
+                assert not admitted(pod("any pod", {"app": "web"}), target, SERVE_PORT), target.name
+
+
+def test_ray_pod_labels_do_not_leak_into_the_generator_selectors() -> None:
+    """The Ray pods' labels must not make the generator's Service, Deployment or PDB pick them up."""
+    deployment, _, _ = generator()
+    selectors = [
+        deployment["spec"]["selector"],
+        {"matchLabels": one("Service", "textgen-generator")["spec"]["selector"]},
+    ]
+    selectors += [pdb["spec"]["selector"] for pdb in docs_of_kind("PodDisruptionBudget")]
+    for doc in ray_docs():
+        for ray_pod in ray_cluster_pods(doc).values():
+            for selector in selectors:
+                assert not selector_matches(selector, ray_pod.label_map), f"{selector} selects {ray_pod.name}"
+
+
+def test_core_validation_catches_a_misspelt_network_policy_field() -> None:
+    """Guard: NetworkPolicies go through the strict core validation above."""
+    assert any(d["kind"] == "NetworkPolicy" for _, d in all_docs())
+    policy = copy.deepcopy(network_policies()[0])
+    policy["spec"]["podSelectors"] = policy["spec"].pop("podSelector")
+    with pytest.raises(kubernetes_validate.ValidationError, match="podSelector"):
+        kubernetes_validate.validate(policy, K8S_VERSIONS[0], strict=True)
+
+
+def test_readme_explains_the_security_setup() -> None:
+    readme = (K8S_DIR / "README.md").read_text()
+    assert "## Security" in readme
+    for needle in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", RAY_TOKEN_SECRET, "openssl rand -hex 32", "ray job submit"):
+        assert needle in readme, f"k8s/README.md, Security: {needle} is not explained"
+
+
+# ---------------------------------------------------------------------------------------------
 # Images
 
 

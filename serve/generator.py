@@ -1,7 +1,10 @@
 """The generation API: ``Generator.load(path)``, then ``generate``, ``stream`` or ``generate_batch``.
 
-How a request runs (the ONNX graph samples; see ``serve.onnx_model`` for the call):
+How a request runs (the ONNX graph samples; see ``serve.onnx_model`` for the call, and
+``serve.decode`` for the loop, which the HTTP engine runs too):
 
+0. The arguments are checked once, as ``serve.params.SamplingParams`` against this generator's
+   ``Limits`` (``max_chars_cap``, ``max_prompt_chars``); a bad one raises ``ParamError``.
 1. The prompt is lowercased if the model was trained lowercased (``textgen.lowercase``) and
    encoded with the unknown-character policy. An empty prompt is one newline (the model's "start
    of a paragraph"; a space if the vocabulary has no newline); that character is not output.

@@ -22,8 +22,9 @@ every ``stream_interval_ms`` (50 ms by default). ``: ping`` comments keep idle c
 
 Responses to /v1/generate carry ``X-Textgen-Id`` and ``X-Textgen-Seed`` (the seed used) headers.
 Errors are JSON ``{"error": "<message naming the field>", "fields": [...]}``: 400 bad JSON, 413 body
-over ``max_body_bytes``, 415 a body that is not JSON, 422 a field out of range or of the wrong
-type or unknown prompt characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``)
+over ``max_body_bytes``, 415 a body that is not JSON, 422 a field of the wrong type (the request
+model: JSON shape and types only) or out of range (``serve.params``, once) or unknown prompt
+characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``)
 is reached, 503 (+ ``Retry-After``) shutting down. A client that disconnects (mid-stream or
 while waiting for a JSON response) cancels its generation: its rows leave the batch (the access
 log shows 499, nginx's "client closed request", for a JSON request abandoned that way).
@@ -184,7 +185,7 @@ def error_response(status: int, message: str, fields: list[str] | None = None,
 
 def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
     """Pydantic's errors (the body's JSON shape and types) -> one message naming every field at
-    fault. The values are checked by ``serve.params`` (``ParamError``, ``param_response``)."""
+    fault. The values are checked once, by ``serve.params`` (a ``ParamError``: 422 too)."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         reason = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")

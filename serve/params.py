@@ -140,12 +140,6 @@ class SamplingParams:
     def stops(self) -> StopStrings:
         return StopStrings(self.stop)
 
-    def row_seeds(self) -> list[int | None]:
-        """The seed of every sample: seed + i (None for all when greedy or without a seed)."""
-        if self.greedy or self.seed is None:
-            return [None] * self.n
-        return [self.seed + i for i in range(self.n)]
-
 
 # ---------------------------------------------------------------------------------------------
 # The checks, one per field: None, or the problem

@@ -441,6 +441,8 @@ def test_serve_refuses_a_bad_model_or_setting(tmp_path):
     assert code == 2 and "does not exist" in err
     code, _, err = run_cli(["serve", str(tmp_path / "missing.onnx"), "--max-rows", "0"])
     assert code == 2 and "max_rows (--max-rows, TEXTGEN_MAX_ROWS) must be an integer >= 1" in err
+    code, _, err = run_cli(["serve", str(tmp_path / "missing.onnx"), "--stream-interval-ms", "nan"])
+    assert code == 2 and "stream_interval_ms (--stream-interval-ms, TEXTGEN_STREAM_INTERVAL_MS) must be a number" in err
 
 
 # ---------------------------------------------------------------------------------------------

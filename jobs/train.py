@@ -214,10 +214,11 @@ def run(args: argparse.Namespace, loop: Callable[[dict[str, Any]], None] = train
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
-        else:  # the embedded default: a local Ray in this process, as big as the machine
-            # The dashboard (loopback only) serves the State API that Ray Train's placement-group
-            # cleaner polls every second; without it that actor logs a warning every second.
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        else:  # the embedded default: a new local Ray in this process, as big as the machine
+            # address="local": never the cluster Ray has on record in its temp directory (someone
+            # else's, or a dead one it would retry for minutes). The dashboard (loopback only)
+            # serves the State API that Ray Train's placement-group cleaner polls.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
     trainer = TensorflowTrainer(
         loop,

@@ -64,6 +64,7 @@ from serve.params import (
     MAX_STOPS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
+    UNKNOWN_POLICIES,
     ParamError,
     shown,
 )
@@ -112,8 +113,8 @@ class GenerateRequestBase(BaseModel):
                     "text ends with one; the stop string is not included.",
     )
     stream: bool = Field(False, description="Send characters as they are made (Server-Sent Events).")
-    unknown: Literal["error", "skip", "replace"] = Field(
-        "error", description="Prompt characters outside the model's vocabulary: fail (422), drop them, or "
+    unknown: str = Field(
+        "error", **_bounds(enum=list(UNKNOWN_POLICIES)), description="Prompt characters outside the model's vocabulary: fail (422), drop them, or "
                              "replace them with `replacement`.",
     )
     replacement: str = Field(" ", **_bounds(minLength=1, maxLength=1),

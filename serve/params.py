@@ -242,8 +242,9 @@ def _n(p: SamplingParams, lim: Limits) -> Problem | None:
 def _unknown(p: SamplingParams, lim: Limits) -> Problem | None:
     if p.unknown in UNKNOWN_POLICIES:
         return None
-    rule = f"must be one of {', '.join(UNKNOWN_POLICIES)}"
-    return Problem("unknown", f"unknown-character policy {rule}, got {p.unknown!r}", f"{rule}, got {shown(p.unknown)}")
+    choices = ", ".join(f"'{c}'" for c in UNKNOWN_POLICIES[:-1]) + f" or '{UNKNOWN_POLICIES[-1]}'"
+    return Problem("unknown", f"unknown-character policy must be one of {', '.join(UNKNOWN_POLICIES)}, got "
+                   f"{p.unknown!r}", f"must be {choices}, got {shown(p.unknown)}")
 
 
 def _replacement(p: SamplingParams, lim: Limits) -> Problem | None:

@@ -33,7 +33,6 @@ from textgen.contract import CHAR_IDS, LOGITS, NOISE, REQUIRED_METADATA, SAMPLED
 from textgen.errors import TextgenError as GeneratorError
 from textgen.text import Vocab, VocabError
 
-FORMAT_VERSION = str(C.FORMAT_VERSION)  # as the metadata writes it
 # (name, ONNX type, numpy dtype) of the (B,) sampling settings.
 SETTING_INPUTS = tuple((name, f"tensor({C.DTYPES[name].replace('float32', 'float')})", np.dtype(C.DTYPES[name]))
                        for name in C.SETTINGS)
@@ -262,9 +261,9 @@ def _check_version(meta: dict[str, str], path: str) -> None:
             f"textgen's exporter; {HOW_TO_EXPORT}"
         )
     version = meta[C.META_FORMAT_VERSION]
-    if version != FORMAT_VERSION:
+    if version != str(C.FORMAT_VERSION):  # the metadata holds it as a string
         raise ModelFileError(
-            f"{path} has {C.META_FORMAT_VERSION} {version!r}; this generator reads version {FORMAT_VERSION}; "
+            f"{path} has {C.META_FORMAT_VERSION} {version!r}; this generator reads version {C.FORMAT_VERSION}; "
             "export the model again with this version of textgen"
         )
     if C.META_GENERATION not in meta:  # a step model without the sampling loop

@@ -33,7 +33,7 @@ from textgen.errors import TextgenError
 from textgen.files import fsync_dir, temp_sibling
 from textgen.text import Vocab, VocabError
 
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 WEIGHTS = "model.weights.h5"
 OPTIMIZER = "optimizer.weights.h5"
 CONFIG = "config.json"
@@ -128,14 +128,14 @@ def save_checkpoint(
         _write_json(
             tmp / CONFIG,
             {
-                "format_version": FORMAT_VERSION,
+                "format_version": CHECKPOINT_FORMAT_VERSION,
                 "model": cfglib.to_dict(model_cfg),
                 "train": cfglib.to_dict(train_cfg),
             },
         )
         _write_json(tmp / VOCAB, vocab.to_dict())
         _write_json(tmp / METRICS, metrics)
-        _write_json(tmp / STATE, {"format_version": FORMAT_VERSION, **state})
+        _write_json(tmp / STATE, {"format_version": CHECKPOINT_FORMAT_VERSION, **state})
         files = sorted(p.name for p in tmp.iterdir())
         _write_json(
             tmp / MANIFEST,
@@ -156,7 +156,7 @@ def save_optimizer(path: Path, optimizer) -> None:
     optimizer.save_own_variables(store)
     path_of = {str(i): v.path for i, v in enumerate(optimizer.variables)}  # Keras' keys are indices
     with h5py.File(path, "w") as f:
-        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["format_version"] = CHECKPOINT_FORMAT_VERSION
         for key, value in store.items():
             ds = f.create_dataset(key, data=value)
             if key in path_of:
@@ -197,10 +197,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                     "manifest written with it); use another checkpoint"
                 )
     conf = _read_json(path / CONFIG)
-    if not isinstance(conf, dict) or conf.get("format_version") != FORMAT_VERSION:
+    if not isinstance(conf, dict) or conf.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
             f"{path / CONFIG}: unsupported checkpoint format_version "
-            f"{conf.get('format_version') if isinstance(conf, dict) else None!r} (expected {FORMAT_VERSION})"
+            f"{conf.get('format_version') if isinstance(conf, dict) else None!r} (expected {CHECKPOINT_FORMAT_VERSION})"
         )
     try:
         model_cfg = cfglib.model_config_from_dict(conf.get("model"))

@@ -42,3 +42,8 @@ def test_invalid_vocabularies():
         Vocab(("a", "a", "b"))
     with pytest.raises(VocabError, match="'chars'"):
         Vocab.from_dict({"letters": "ab"})
+
+
+def test_a_lone_surrogate_is_not_a_character():
+    with pytest.raises(VocabError, match="surrogates"):
+        Vocab(("a", "\ud800"))

@@ -170,21 +170,42 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A real `ray start --head` on 127.0.0.1, stopped even when the test fails."""
+def ray_head():
+    """A real `ray start --head` on 127.0.0.1 with its own temp dir, stopped by its pid (``--block``
+    keeps the launcher alive; SIGTERM to it stops every process it started), even when the test
+    fails. Never `ray stop --force`: that would stop every Ray of the machine's user."""
+    import shutil
+    import tempfile
+    import urllib.request
+
     env = _env()
     dash = _free_port()
-    start = subprocess.run(
-        [str(VENV_BIN / "ray"), "start", "--head", "--port", str(_free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--disable-usage-stats", "--include-dashboard", "true"],
-        env=env, capture_output=True, text=True, timeout=180,
+    temp_dir = tempfile.mkdtemp(prefix="tg-ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
+         "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        assert start.returncode == 0, start.stderr[-3000:]
+        deadline = time.monotonic() + 180
+        while True:
+            assert head.poll() is None, f"ray start --head exited with {head.returncode}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head's dashboard did not come up in 180 s"
+                time.sleep(0.5)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_two_workers(ray_head, corpus, tmp_path):

@@ -173,7 +173,7 @@ def _free_port() -> int:
 def ray_head():
     """A real `ray start --head` on 127.0.0.1 with its own temp dir, stopped by its pid (``--block``
     keeps the launcher alive; SIGTERM to it stops every process it started), even when the test
-    fails. Stopped by pid, not with the force flag of `ray stop` (that stops every Ray of the user)."""
+    fails; not with the force flag of `ray stop`, which stops every Ray of the machine's user."""
     import shutil
     import tempfile
     import urllib.request

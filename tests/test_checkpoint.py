@@ -15,6 +15,14 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def _reseal(ckpt: Path) -> Path:
+    """Rewrite the manifest after a test changed files, so the check under test is the one after it."""
+    files = sorted(p.name for p in ckpt.iterdir() if p.name != "manifest.json")
+    (ckpt / "manifest.json").write_text(json.dumps(
+        {n: {"sha256": ckptlib._sha256(ckpt / n), "bytes": (ckpt / n).stat().st_size} for n in files}))
+    return ckpt
+
+
 def test_round_trip(small_run):
     ckpt = load_checkpoint(small_run / "best")
     assert ckpt.model.lstm_units == (32,) and ckpt.vocab.size == 45
@@ -68,42 +76,38 @@ def test_truncated_weights_are_caught_by_the_manifest(small_run, tmp_path):
 
 def test_corrupt_weights_without_manifest_fail_clearly(small_run, tmp_path):
     ckpt = _copy(small_run / "best", tmp_path)
-    (ckpt / "manifest.json").unlink()
     (ckpt / "model.weights.h5").write_bytes(b"not an h5 file")
     with pytest.raises(CheckpointError, match="unreadable"):
-        load_model(load_checkpoint(ckpt))
+        load_model(load_checkpoint(_reseal(ckpt)))
 
 
 def test_config_that_disagrees_with_the_weights(small_run, tmp_path):
     ckpt = _copy(small_run / "best", tmp_path)
-    (ckpt / "manifest.json").unlink()
     conf = json.loads((ckpt / "config.json").read_text())
     conf["model"]["lstm_units"] = [48]
     (ckpt / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
-        load_model(load_checkpoint(ckpt))
+        load_model(load_checkpoint(_reseal(ckpt)))
 
 
 def test_vocabulary_that_disagrees_with_the_weights(small_run, tmp_path):
     ckpt = _copy(small_run / "best", tmp_path)
-    (ckpt / "manifest.json").unlink()
     (ckpt / "vocab.json").write_text(json.dumps({"format_version": 1, "chars": list("abcdef")}))
     with pytest.raises(CheckpointError, match="vocabulary 6"):
-        load_model(load_checkpoint(ckpt))
+        load_model(load_checkpoint(_reseal(ckpt)))
 
 
 def test_bad_json_and_bad_config(small_run, tmp_path):
     ckpt = _copy(small_run / "best", tmp_path)
-    (ckpt / "manifest.json").unlink()
     (ckpt / "metrics.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="metrics.json is not valid JSON"):
-        load_checkpoint(ckpt)
+        load_checkpoint(_reseal(ckpt))
     (ckpt / "metrics.json").write_text("{}")
     conf = json.loads((ckpt / "config.json").read_text())
     conf["model"]["colour"] = "blue"
     (ckpt / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="unknown ModelConfig fields: colour"):
-        load_checkpoint(ckpt)
+        load_checkpoint(_reseal(ckpt))
 
 
 def test_writes_are_atomic_and_replace_the_old_checkpoint(small_run, tmp_path):
@@ -126,9 +130,8 @@ def test_history_is_stored_once_and_older_checkpoints_with_two_copies_load(small
     assert "history" not in metrics and [m["epoch"] for m in state["history"]] == [1, 2]
     # Checkpoints written before the history moved to state.json have it in metrics.json too.
     old = _copy(ckpt_dir, tmp_path)
-    (old / "manifest.json").unlink()
     (old / "metrics.json").write_text(json.dumps({**metrics, "history": state["history"]}))
-    ckpt = load_checkpoint(old)
+    ckpt = load_checkpoint(_reseal(old))
     assert "history" not in ckpt.metrics and ckpt.metrics["epoch"] == 2
     from textgen.train import RunState
 
@@ -140,10 +143,9 @@ def _optimizer_file_with(small_run, tmp_path, craft) -> Path:
     import h5py
 
     ckpt = _copy(small_run / "last", tmp_path)
-    (ckpt / "manifest.json").unlink()
     with h5py.File(ckpt / "optimizer.weights.h5", "a") as f:
         craft(f, tmp_path)
-    return ckpt
+    return _reseal(ckpt)
 
 
 @pytest.mark.parametrize("kind", ["external_storage", "external_link", "soft_link", "group"])
@@ -192,7 +194,7 @@ def test_optimizer_file_written_dataset_by_dataset_restores(small_run, tmp_path)
             f.create_dataset(str(i), data=var.numpy()).attrs["path"] = var.path
     copy = _copy(small_run / "last", tmp_path / "c")
     shutil.copy(path, copy / "optimizer.weights.h5")
-    (copy / "manifest.json").unlink()
+    _reseal(copy)
     restored = make_optimizer(ckpt.train, 1)
     ckptlib.restore_optimizer(load_checkpoint(copy), restored, model.trainable_variables)
     for a, b in zip(saved.variables, restored.variables):
@@ -200,3 +202,185 @@ def test_optimizer_file_written_dataset_by_dataset_restores(small_run, tmp_path)
     with h5py.File(small_run / "last" / "optimizer.weights.h5", "r") as f:
         assert sorted(f.keys(), key=int) == [str(i) for i in range(len(saved.variables))]
         assert f["2"].attrs["path"].endswith(saved.variables[2].path.split("/", 1)[1])  # names the variable
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: the manifest is required, the weights file must be the model's, JSON is typed
+
+
+def test_a_checkpoint_without_its_manifest_is_refused(small_run, tmp_path):
+    ckpt = _copy(small_run / "best", tmp_path)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: missing manifest.json"):
+        load_checkpoint(ckpt)
+
+
+def test_weights_of_a_bigger_model_than_the_config_says_are_refused(small_run, tmp_path):
+    from textgen.config import replace
+    from textgen.model import build_model
+
+    ckpt = _copy(small_run / "best", tmp_path)
+    meta = load_checkpoint(ckpt)
+    bigger = build_model(replace(meta.model, lstm_units=(32, 32)), meta.vocab.size)  # 2x32, config says 1x32
+    bigger.save_weights(str(ckpt / "model.weights.h5"))
+    with pytest.raises(CheckpointError, match=r"does not match its config.json .*holds 9 variables"):
+        load_model(load_checkpoint(_reseal(ckpt)))
+
+
+def test_weights_file_with_a_link_is_refused(small_run, tmp_path):
+    import h5py
+
+    ckpt = _copy(small_run / "best", tmp_path)
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other.create_dataset("x", data=np.zeros((40,), np.float32))
+    with h5py.File(ckpt / "model.weights.h5", "a") as f:
+        del f["layers/dense/vars/1"]
+        f["layers/dense/vars/1"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/x")
+    with pytest.raises(CheckpointError, match=r"entry 'layers/dense/vars/1' is a link"):
+        load_model(load_checkpoint(_reseal(ckpt)))
+
+
+def _edit_json(ckpt: Path, name: str, edit) -> None:
+    path = ckpt / name
+    value = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(value)))
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("manifest.json", lambda m: list(m), r"manifest.json must map file names"),
+        ("manifest.json", lambda m: {**m, "vocab.json": {**m["vocab.json"], "bytes": "12"}}, "must map file names"),
+        ("config.json", lambda c: {**c, "model": {**c["model"], "lstm_units": ["32"]}},
+         r"config.json: bad ModelConfig: lstm_units must be a list of positive integers"),
+        ("config.json", lambda c: {**c, "model": {**c["model"], "lstm_units": 32}}, "lstm_units must be a list"),
+        ("config.json", lambda c: {**c, "model": {**c["model"], "seq_len": 32.0}}, "seq_len must be an integer"),
+        ("config.json", lambda c: {**c, "model": {**c["model"], "embedding_dim": True}}, "embedding_dim must be an integer"),
+        ("config.json", lambda c: {**c, "train": {**c["train"], "batch_size": "32"}}, "batch_size must be an integer"),
+        ("config.json", lambda c: {**c, "train": {**c["train"], "lowercase": 1}}, "lowercase must be true or false"),
+        ("config.json", lambda c: {**c, "model": "small"}, "ModelConfig must be a JSON object"),
+        ("state.json", lambda s: {**s, "epoch": -1}, r"state.json: epoch must be an integer >= 0, got -1"),
+        ("state.json", lambda s: {**s, "epoch": True}, "epoch must be an integer >= 0, got True"),
+        ("state.json", lambda s: {**s, "best_epoch": 1.5}, "best_epoch must be an integer >= 0"),
+        ("state.json", lambda s: {**s, "best_val_loss": "low"}, "best_val_loss must be a number or null"),
+        ("state.json", lambda s: {**s, "history": {}}, "history must be a list of objects"),
+        ("metrics.json", lambda m: [m], "metrics.json must hold a JSON object"),
+        ("vocab.json", lambda v: {**v, "chars": [1, 2]}, "vocab.json: vocabulary entries must be single characters"),
+    ],
+)
+def test_malformed_checkpoint_json_is_a_message_naming_file_and_field(small_run, tmp_path, name, edit, message):
+    ckpt = _copy(small_run / "last", tmp_path)
+    _edit_json(ckpt, name, edit)
+    if name != "manifest.json":
+        _reseal(ckpt)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+
+
+def test_malformed_checkpoint_json_through_the_cli_has_no_traceback(small_run, tmp_path):
+    from tests.conftest import run_cli
+
+    ckpt = _copy(small_run / "last", tmp_path)
+    _edit_json(ckpt, "state.json", lambda s: {**s, "epoch": "2"})
+    code, _, stderr = run_cli(["export", str(_reseal(ckpt)), "--out", str(tmp_path / "m.onnx")])
+    assert code == 2 and "state.json: epoch must be an integer >= 0" in stderr and "Traceback" not in stderr
+
+
+def test_every_config_field_has_a_checked_json_type():
+    import dataclasses
+
+    from textgen import config as cfglib
+
+    for cls in (cfglib.ModelConfig, cfglib.TrainConfig):
+        assert {str(f.type) for f in dataclasses.fields(cls)} <= set(cfglib._TYPE_WORDS), cls
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train run directories: only complete checkpoints count
+
+
+def test_a_ray_run_with_a_half_copied_checkpoint_exports_the_complete_one(small_run, tmp_path):
+    run = tmp_path / "ray_run"
+    shutil.copytree(small_run / "best", run / "checkpoint_000000")
+    (run / "checkpoint_000001").mkdir()  # Ray is still copying it: only metrics.json so far
+    (run / "checkpoint_000001" / "metrics.json").write_text(json.dumps({"val_loss": 0.1, "epoch": 3}))
+    shutil.copytree(small_run / "last", run / "checkpoint_000002")
+    _edit_json(run / "checkpoint_000002", "metrics.json", lambda m: {**m, "val_loss": 0.2})  # manifest differs
+    assert ckptlib.resolve_checkpoint(run) == run / "checkpoint_000000"
+    shutil.rmtree(run / "checkpoint_000000")
+    with pytest.raises(ckptlib.TextgenError, match="has no complete checkpoint"):
+        ckptlib.resolve_checkpoint(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic replacement: a kill at any rename leaves a complete last/ and best/
+
+
+def _killed_training(out: Path, corpus: Path, syscall: str, when: int):
+    """``textgen train`` under strace, killed (SIGKILL) at its ``when``-th call of ``syscall``."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = ["/usr/bin/strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=rename,renameat,renameat2",
+           "-e", f"inject={syscall}:signal=SIGKILL:when={when}",
+           sys.executable, "-m", "textgen", "train", "--preset", "small", "--epochs", "2", "--corpus", str(corpus),
+           "--out", str(out), "--no-progress"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/strace").exists(), reason="needs strace")
+def test_a_kill_at_any_checkpoint_rename_leaves_loadable_checkpoints_and_resume_works(tmp_path):
+    from tests.conftest import run_cli
+    from textgen.text import bundled_corpus_path
+
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(bundled_corpus_path().read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    # Renames of a 2-epoch run: rename last, rename best (epoch 1: first saves), exchange last,
+    # exchange best (epoch 2), rename loss.png.
+    kills = {("renameat2", 1): (1, 1), ("renameat2", 2): (2, 1), ("rename", 3): (2, 2)}
+    procs = {k: _killed_training(tmp_path / f"{k[0]}-{k[1]}", corpus, *k) for k in kills}
+    for (syscall, when), proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == -9, f"{syscall} #{when} did not kill the run: {stderr}"
+    for (syscall, when), (last_epoch, best_epoch) in kills.items():
+        out = tmp_path / f"{syscall}-{when}"
+        assert load_checkpoint(out / "last").epoch == last_epoch, (syscall, when)
+        assert load_checkpoint(out / "best").epoch == best_epoch, (syscall, when)
+        load_model(load_checkpoint(out / "best"))
+        code, _, stderr = run_cli(["train", "--preset", "small", "--epochs", "3", "--corpus", str(corpus),
+                                   "--out", str(out), "--no-progress", "--resume"])
+        assert code == 0 and f"after epoch {last_epoch}" in stderr, stderr
+        assert load_checkpoint(out / "last").epoch == 3
+        assert not list(out.glob(".last.*")) + list(out.glob(".best.*"))  # the killed save's copy is gone
+
+
+def test_without_the_exchange_a_crash_between_the_two_renames_is_repaired(small_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(small_run / "best", run / ".last.old-0000")  # the old one, renamed away
+    shutil.copytree(small_run / "last", run / ".last.tmp-1111")  # the new one, complete
+    _edit_json(run / ".last.tmp-1111", "state.json", lambda s: {**s, "epoch": 7})
+    _reseal(run / ".last.tmp-1111")
+    shutil.copytree(small_run / "last", run / ".last.tmp-2222")  # a save killed while writing
+    (run / ".last.tmp-2222" / "manifest.json").unlink()
+    ckptlib.tidy(run / "last")
+    assert load_checkpoint(run / "last").epoch == 7
+    assert sorted(p.name for p in run.iterdir()) == ["last"]
+
+
+def test_the_fallback_without_the_exchange_replaces_the_checkpoint(small_run, tmp_path, monkeypatch):
+    from textgen.train import make_optimizer
+
+    monkeypatch.setattr(ckptlib, "_exchange", lambda a, b: False)
+    ckpt = load_checkpoint(small_run / "best")
+    model = load_model(ckpt)
+    target = tmp_path / "out" / "last"
+    for epoch in (1, 2):
+        ckptlib.save_checkpoint(target, model, make_optimizer(ckpt.train, 1), ckpt.model, ckpt.train,
+                                ckpt.vocab, {"epoch": epoch}, {"epoch": epoch})
+        assert load_checkpoint(target).epoch == epoch
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["last"]

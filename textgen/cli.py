@@ -37,7 +37,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.preset}")
     from textgen import checkpoint as ckptlib
 
+    if out.exists() and not out.is_dir():
+        raise TextgenError(f"--out {out} is a file; training writes a directory there: choose another --out")
     resume_from = None
+    for name in ("last", "best"):  # put back what a killed save left, delete its temporary copies
+        ckptlib.tidy(out / name)
     if args.resume:
         if not (out / "last").is_dir():
             raise TextgenError(f"nothing to resume: {out / 'last'} does not exist; train without --resume")

@@ -148,10 +148,33 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    wrong = [f"{k} must be {_TYPE_WORDS[types[k]]}, got {json.dumps(v)}" for k, v in d.items()
+             if not _has_type(v, types[k])]
+    if wrong:
+        raise ConfigError(f"bad {cls.__name__}: {'; '.join(wrong)}")
     try:
         return cls(**d)
     except TypeError as e:
         raise ConfigError(f"bad {cls.__name__}: {e}") from None
+
+
+# JSON types of the config fields (by annotation): an int is never a bool, a float or a string.
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "float | None": "a number or null", "str": "a string",
+               "bool": "true or false", "tuple[int, ...]": "a list of positive integers"}
+
+
+def _has_type(v: Any, annotation: str) -> bool:
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if annotation == "int":
+        return is_int(v)
+    if annotation in ("float", "float | None"):
+        return (v is None and annotation != "float") or is_int(v) or isinstance(v, float)
+    if annotation == "tuple[int, ...]":
+        return isinstance(v, (list, tuple)) and all(is_int(u) and u > 0 for u in v)
+    return isinstance(v, {"str": str, "bool": bool}[annotation])
 
 
 def dumps(obj: Any) -> str:

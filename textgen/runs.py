@@ -1,11 +1,16 @@
-"""Reading finished (or running) Ray Train runs without Ray: the checkpoints are in our own layout."""
+"""Reading finished (or running) Ray Train runs without Ray: the checkpoints are in our own layout.
+
+Only complete checkpoints count: every required file present and matching the manifest written
+with it (``textgen.checkpoint.load_checkpoint``). A checkpoint Ray is still copying, or one that
+was damaged, is passed over.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from textgen.checkpoint import CheckpointError, load_checkpoint
 from textgen.errors import TextgenError
 
 
@@ -14,17 +19,18 @@ def ray_checkpoints(run_dir: str | Path) -> list[tuple[float, int, Path]]:
     found = []
     for d in sorted(Path(run_dir).glob("checkpoint_*")):
         try:
-            metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
-            val_loss = float(metrics["val_loss"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # being written, or not one of ours
+            ckpt = load_checkpoint(d)
+            val_loss = float(ckpt.metrics["val_loss"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue  # being written, damaged, or not one of ours
         if math.isfinite(val_loss):
-            found.append((val_loss, int(metrics.get("epoch", 0)), d))
+            found.append((val_loss, ckpt.epoch, d))
     return found
 
 
 def best_ray_checkpoint(run_dir: str | Path) -> Path:
     found = ray_checkpoints(run_dir)
     if not found:
-        raise TextgenError(f"{run_dir} has no complete checkpoint (checkpoint_*/metrics.json) yet")
+        raise TextgenError(f"{run_dir} has no complete checkpoint (checkpoint_* with all its files and "
+                           "a matching manifest.json) yet; wait for the run's first epoch, or pass a checkpoint")
     return min(found, key=lambda t: (t[0], t[1]))[2]

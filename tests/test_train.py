@@ -90,3 +90,11 @@ def test_divergence_is_a_failed_run_exit_1_without_traceback(tmp_path):
     said = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(said) == 1 and "training loss became" in said[0] and "--resume continues" in said[0], stderr
     assert "Traceback" not in stderr
+
+
+def test_out_naming_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run directory\n")
+    code, _, stderr = run_cli(["train", "--preset", "small", "--out", str(tmp_path / "notes.txt"), "--no-progress",
+                               "--epochs", "1"])
+    assert code == 2 and "--out" in stderr and "is a file" in stderr, stderr
+    assert "epoch 1/1" not in stderr and "Traceback" not in stderr  # refused before any training

@@ -178,6 +178,11 @@ class _Prompt:
         self.state: list[np.ndarray] | None = None  # (1, H) per state input after `done` characters
 
     @property
+    def left(self) -> int:
+        """Characters of ids[:-1] still to consume."""
+        return len(self.ids) - 1 - self.done
+
+    @property
     def consumed(self) -> bool:
         return self.state is not None and self.done == len(self.ids) - 1
 
@@ -194,16 +199,19 @@ class Prompts:
         self.waiting.append(_Prompt(rows, ids))
 
     def consume(self, batch: Batch, budget: float = math.inf) -> None:
-        """Consume up to about ``budget`` prompt characters; the rows of consumed prompts join ``batch``."""
+        """Consume up to about ``budget`` prompt characters, the prompts with the fewest left first
+        (a short prompt does not wait behind long ones; the pieces a prompt is consumed in do not
+        depend on the order); the rows of consumed prompts join ``batch``."""
         model = self.model
         if not batch.size and len(self.waiting) == 1 and len(self.waiting[0].ids) - 1 < self.chunk:
             _join(batch, [self.waiting.pop()], [model.zero_state(1)], whole=True)
             return
+        self.waiting.sort(key=lambda p: p.left)  # stable: arrival order among equals
         whole: list[_Prompt] = []  # prompts that fit one call: consumed together below
         for p in self.waiting:
             if budget <= 0:
                 break
-            left = len(p.ids) - 1 - p.done
+            left = p.left
             if p.state is None and left <= self.chunk:
                 whole.append(p)
                 budget -= left

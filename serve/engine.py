@@ -6,12 +6,15 @@ share a running batch (continuous batching over ``serve.decode.Batch``):
 1. ``Engine.prepare``: a request's checked ``SamplingParams`` (against ``Engine.limits``, this
    server's caps) and its prompt, checked and encoded once -> ``Request``.
 2. ``Engine.submit`` admits it, or raises ``EngineBusy`` at once when its ``n`` rows would take the
-   rows in flight past ``max_rows``: nothing waits in an unbounded queue.
+   rows in flight past ``max_rows``, or its prompt the characters waiting to be consumed past
+   ``max_queued_prefill_chars``: nothing waits in an unbounded queue.
 3. The engine thread consumes the newcomers' prompts but their last character (K = 0 calls):
    prompts that fit one chunk together (``OnnxModel.prefill``), longer ones ``PREFILL_CHUNK``
    characters per iteration between chunk calls, so a long prompt delays the running streams a
    little instead of stalling them; then the request's rows join the batch, pending the prompt's
    last character. A lone newcomer on an idle engine has its whole prompt in its first chunk call.
+   The prompts with the fewest characters left go first (``Prompts.consume``): a short prompt is
+   not stuck behind long ones, and what a prompt makes does not depend on that order.
 4. Every iteration is one chunk call for all rows (``Batch.step``, ``chunk_size`` characters each).
 5. Characters go to the request's event loop (``loop.call_soon_threadsafe``) in chunks: a row's
    first ones at once, then what accumulated every ``stream_interval_ms``, held back while they
@@ -85,6 +88,20 @@ class ServeSettings(BaseSettings):
     # Larger: fewer calls; smaller: a newcomer waits less for its first characters (about two calls).
     chunk_size: int = Field(16, ge=1, description="characters per row per model call (lower: sooner first "
                                                   "characters; higher: more throughput)")
+    # Prompt characters cost model time before a request's first character: a bound on the backlog.
+    max_queued_prefill_chars: int = Field(100_000, ge=1, description="prompt characters admitted but not consumed "
+                                          "yet; a request that would pass it gets 429")
+    # The connection limits below are uvicorn's (``textgen serve``); behind Ray Serve, its proxy's.
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request head (request line and "
+                                  "headers) in bytes; larger gets 400 and the connection is closed")
+    max_connections: int = Field(256, ge=2, description="open connections (or requests running) at which "
+                                 "uvicorn answers 503")
+    header_timeout_s: float = Field(10.0, ge=0.1, allow_inf_nan=False, description="seconds a connection has "
+                                    "to send a request head; later: 408 and the connection is closed")
+    body_timeout_s: float = Field(30.0, ge=0.1, allow_inf_nan=False, description="seconds a request has to send "
+                                  "its body once its head is in; later: 408")
+    docs: bool = Field(False, description="serve /docs and /redoc (they load JavaScript from a CDN); "
+                                          "/openapi.json is always served")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -140,7 +157,7 @@ def _settings_error(e: ValidationError, given: set[str]) -> SettingsError:
     for err in e.errors():
         name, value = str(err["loc"][0]) if err["loc"] else "", err.get("input")
         field, env = ServeSettings.model_fields.get(name), ServeSettings.env_name(name)
-        kind = "a number" if field and field.annotation is float else "an integer"
+        kind = {float: "a number", bool: "true or false"}.get(field.annotation if field else None, "an integer")
         floor = next((f" >= {m.ge}" for m in field.metadata if hasattr(m, "ge")), "") if field else ""
         if field is None:
             problems.append(f"unknown setting {name!r} (known: {', '.join(ServeSettings.model_fields)})")
@@ -156,11 +173,11 @@ def _settings_error(e: ValidationError, given: set[str]) -> SettingsError:
 
 
 class EngineBusy(Exception):
-    """The in-flight limit is reached: retry after ``retry_after_s`` seconds."""
+    """An admission limit is reached (rows in flight, queued prompt characters): retry after
+    ``retry_after_s`` seconds."""
 
-    def __init__(self, rows: int, in_flight: int, max_rows: int, retry_after_s: int) -> None:
-        super().__init__(f"the server is busy: {in_flight} of its {max_rows} rows are in flight and this request "
-                         f"needs {rows}; retry after {retry_after_s} s")
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(f"the server is busy: {message}; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
@@ -180,6 +197,11 @@ class Request:
     @property
     def n(self) -> int:
         return self.params.n
+
+    @property
+    def prefill_chars(self) -> int:
+        """Prompt characters consumed before the request's rows join the batch."""
+        return len(self.prompt_ids) - 1
 
 
 class Delta(NamedTuple):
@@ -267,6 +289,7 @@ class Engine:
         self._cancels: list[Ticket] = []
         self._rows_in_flight = 0  # rows of admitted requests not finished yet
         self._requests_in_flight = 0
+        self._queued_chars = 0  # prompt characters admitted and not consumed yet
         self._closed = False
         self._error: str | None = None
         self._counts = dict(requests=0, rejected=0, cancelled=0, completed=0, failed=0, steps=0, chars=0)
@@ -306,21 +329,34 @@ class Engine:
 
     def submit(self, request: Request) -> Ticket:
         """Admit ``request`` (call on the event loop that will read the ticket). Raises
-        ``EngineBusy`` if its rows do not fit under ``max_rows`` now, ``EngineClosed`` after
+        ``EngineBusy`` if its rows do not fit under ``max_rows`` now, or its prompt under
+        ``max_queued_prefill_chars`` (a prompt alone is always admitted), ``EngineClosed`` after
         ``close()`` or a failure."""
-        ticket, s = Ticket(request, asyncio.get_running_loop()), self.settings
+        ticket = Ticket(request, asyncio.get_running_loop())
         with self._lock:
             if self._closed or self._error is not None:
                 raise EngineClosed(self._error or "the server is shutting down")
-            if self._rows_in_flight + request.n > s.max_rows:
+            busy = self._busy(request)
+            if busy:
                 self._counts["rejected"] += 1
-                raise EngineBusy(request.n, self._rows_in_flight, s.max_rows, s.retry_after_s)
+                raise EngineBusy(busy, self.settings.retry_after_s)
             self._rows_in_flight += request.n
+            self._queued_chars += request.prefill_chars
             self._requests_in_flight += 1
             self._counts["requests"] += 1
             self._incoming.append(ticket)
             self._wake.notify()
         return ticket
+
+    def _busy(self, request: Request) -> str | None:
+        """Why ``request`` cannot be admitted now (under ``_lock``), or None."""
+        s, queued = self.settings, self._queued_chars
+        if self._rows_in_flight + request.n > s.max_rows:
+            return f"{self._rows_in_flight} of its {s.max_rows} rows are in flight and this request needs {request.n}"
+        if queued and queued + request.prefill_chars > s.max_queued_prefill_chars:
+            return (f"{queued:,} prompt characters are waiting to be consumed and this request adds "
+                    f"{request.prefill_chars:,} (the limit is max_queued_prefill_chars, {s.max_queued_prefill_chars:,})")
+        return None
 
     def cancel(self, ticket: Ticket) -> None:
         """Stop a request (its client went away): its rows leave the batch at the next step."""
@@ -334,8 +370,10 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             c, rows, requests = dict(self._counts), self._rows_in_flight, self._requests_in_flight
+            queued = self._queued_chars
         return {"ready": self.ready, "rows_in_flight": rows, "rows_decoding": self._batch.size,
-                "requests_in_flight": requests, "max_rows": self.settings.max_rows, "requests_total": c["requests"],
+                "requests_in_flight": requests, "max_rows": self.settings.max_rows, "prefill_chars_queued": queued,
+                "requests_total": c["requests"],
                 **{f"requests_{k}": c[k] for k in ("completed", "cancelled", "rejected", "failed")},
                 "steps": c["steps"], "chars_generated": c["chars"],
                 "uptime_s": round(time.monotonic() - self._started_at, 3), "error": self._error}
@@ -355,6 +393,7 @@ class Engine:
             while self._wait():
                 if self._prompts.waiting:
                     self._prompts.consume(self._batch, PREFILL_BUDGET)
+                    self._recount()
                 if self._batch.size:
                     self._step()
             self._fail_all("the server is shutting down")
@@ -379,7 +418,14 @@ class Engine:
             self._prompts.add(rows, r.prompt_ids)
         if cancels:
             self._drop(cancels)
+            self._recount()
         return True
+
+    def _recount(self) -> None:
+        """The prompt characters still to consume: of the waiting prompts and the newcomers."""
+        waiting = sum(p.left for p in self._prompts.waiting)
+        with self._lock:
+            self._queued_chars = waiting + sum(t.request.prefill_chars for t in self._incoming)
 
     def _step(self) -> None:
         b = self._batch
@@ -456,6 +502,7 @@ class Engine:
             self._counts["failed"] += len(failed)
             self._rows_in_flight = 0
             self._requests_in_flight = 0
+            self._queued_chars = 0
         self._prompts.waiting = []
         self._batch = Batch(self.generator.model)
         out: Outbox = {}

@@ -94,9 +94,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         p.set_defaults(serve_missing=True)
     else:
         for name, f in ServeSettings.model_fields.items():  # one flag per setting, as declared there
-            help_text = f"{f.description} (default: {f.default}, or ${ServeSettings.env_name(name)})"
+            help_text = f"{f.description} (default: {f.default}, or ${ServeSettings.env_name(name)})".replace("%", "%%")
+            if f.annotation is bool:  # --docs / --no-docs; not given: None (the environment, else the default)
+                p.add_argument(ServeSettings.flag(name), action=argparse.BooleanOptionalAction, help=help_text)
+                continue
             p.add_argument(ServeSettings.flag(name), type=f.annotation, metavar="X" if f.annotation is float else "N",
-                           help=help_text.replace("%", "%%"))
+                           help=help_text)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="uvicorn's log level; info includes one access line per request (default: %(default)s)")
 
@@ -205,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         from serve.engine import ServeSettings
         from serve.http import create_app
+        from serve.server import uvicorn_options
     except ImportError as e:
         raise GeneratorError(f"{SERVE_EXTRA} ({e})") from None
     from serve.generator import Generator
@@ -217,7 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
     gen = Generator.load(args.model, num_threads=settings.threads, max_chars_cap=settings.max_chars_cap,
                          max_prompt_chars=settings.max_prompt_chars)
     options = dict(host=args.host, port=args.port, log_level=args.log_level,
-                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(settings))
     if workers == 1:
         uvicorn.run(create_app(generator=gen, settings=settings), **options)
     else:  # each worker process builds its app from the environment

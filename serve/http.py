@@ -9,7 +9,8 @@ Routes
                         not, e.g. while shutting down); the body holds the engine's counters
     GET  /v1/model      the model's metadata (vocabulary, settings, training metrics) and limits
     GET  /v1/stats      the engine's counters (rows in flight, steps, characters, ...)
-    GET  /openapi.json, /docs   the OpenAPI schema and its browser
+    GET  /openapi.json  the OpenAPI schema (``/docs`` and ``/redoc``, its browsers, only with the
+                        ``docs`` setting: they load JavaScript from a CDN)
 
 Streaming format: Server-Sent Events (``text/event-stream``, sse-starlette), every ``data`` one
 JSON object:
@@ -21,11 +22,13 @@ Characters are sent in chunks: a sample's first character at once, then whatever
 every ``stream_interval_ms`` (50 ms by default). ``: ping`` comments keep idle connections open.
 
 Responses to /v1/generate carry ``X-Textgen-Id`` and ``X-Textgen-Seed`` (the seed used) headers.
-Errors are JSON ``{"error": "<message naming the field>", "fields": [...]}``: 400 bad JSON, 413 body
-over ``max_body_bytes``, 415 a body that is not JSON, 422 a field of the wrong type (the request
+Errors are JSON ``{"error": "<message naming the field>", "fields": [...]}``: 400 bad JSON, 408 a
+body not complete within ``body_timeout_s`` of the request's head, 413 body over ``max_body_bytes``
+(read and dropped first, up to ``DRAIN_FACTOR`` times that, so that the client reads the answer),
+415 a body that is not JSON, 422 a field of the wrong type (the request
 model: JSON shape and types only) or out of range (``serve.params``, once) or unknown prompt
-characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``)
-is reached, 503 (+ ``Retry-After``) shutting down. A client that disconnects (mid-stream or
+characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``) or the queued prompt
+characters' (``max_queued_prefill_chars``) is reached, 503 (+ ``Retry-After``) shutting down. A client that disconnects (mid-stream or
 while waiting for a JSON response) cancels its generation: its rows leave the batch (the access
 log shows 499, nginx's "client closed request", for a JSON request abandoned that way).
 """
@@ -72,6 +75,10 @@ from serve.params import (
 log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look
 
 SHUTDOWN_GRACE_S = 2.0  # a stream's time to send its error event when the server stops
+# An oversized body up to this many times max_body_bytes is read and dropped before the 413: a
+# client still sending when the connection closes would see a reset instead of the answer.
+DRAIN_FACTOR = 8
+CLOSE = {"Connection": "close"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +173,13 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
+    408: {"model": ErrorResponse, "description": "The body did not arrive within the server's body_timeout_s."},
     413: {"model": ErrorResponse, "description": "The body is larger than the server's max_body_bytes."},
     415: {"model": ErrorResponse, "description": "The body is not JSON (send Content-Type: application/json)."},
     422: {"model": ErrorResponse, "description": "A field of the wrong type or out of range, an unknown field, "
                                                  "or unknown characters in the prompt."},
-    429: {"model": ErrorResponse, "description": "The in-flight limit is reached; see Retry-After."},
+    429: {"model": ErrorResponse, "description": "The in-flight limit or the queued prompt characters' limit is "
+                                                 "reached; see Retry-After."},
     503: {"model": ErrorResponse, "description": "The server is shutting down; see Retry-After."},
 }
 
@@ -216,31 +225,68 @@ def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JS
 
 
 # ---------------------------------------------------------------------------------------------
-# Middleware: the body limit
+# Middleware: the body's limit and deadline
 
 
-class BodyLimit:
-    """413 for a body over ``max_bytes``: at once from Content-Length, or while a chunked body is
-    read (the route never sees more than ``max_bytes``)."""
+class BodyTimeout(HTTPException):
+    """The body did not arrive in time: 408, and the connection is closed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s of its head (body_timeout_s); "
+                              "send it faster", headers=CLOSE)
+
+
+class BodyDeadline:
+    """``BodyTimeout`` (408) when a request's body is not complete within ``timeout_s`` of the
+    request's head; reads after the body are not timed (e.g. waiting for a disconnect)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"the request body is larger than this server's limit of {self.max_bytes:,} bytes (max_body_bytes)"
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
-                    return
-                if length > self.max_bytes:
-                    await error_response(413, message)(scope, receive, send)
-                    return
+        loop = asyncio.get_running_loop()
+        deadline, complete = loop.time() + self.timeout_s, False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
+            complete = msg["type"] != "http.request" or not msg.get("more_body", False)
+            return msg
+
+        await self.app(scope, timed, send)
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``: from Content-Length before the route runs, or while a
+    chunked body is read (the route never sees more than ``max_bytes``). The rest of the body is
+    read and dropped first (``_drain``), up to ``DRAIN_FACTOR`` x ``max_bytes`` and the body's
+    deadline; past either the 413 closes the connection (the client may see a reset)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.message = f"the request body is larger than this server's limit of {max_bytes:,} bytes (max_body_bytes)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = dict(scope.get("headers", ())).get(b"content-length")
+        if raw is not None:
+            if not raw.isdigit():
+                await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
+                return
+            if int(raw) > self.max_bytes:
+                drained = int(raw) <= DRAIN_FACTOR * self.max_bytes and await _drain(receive, int(raw))
+                await error_response(413, self.message, headers=None if drained else CLOSE)(scope, receive, send)
+                return
         received = 0
 
         async def limited() -> Message:
@@ -249,10 +295,28 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, message)
+                    rest = (DRAIN_FACTOR - 1) * self.max_bytes
+                    drained = not msg.get("more_body", False) or await _drain(receive, rest)
+                    raise HTTPException(413, self.message, headers=None if drained else CLOSE)
             return msg
 
         await self.app(scope, limited, send)
+
+
+async def _drain(receive: Receive, limit: int) -> bool:
+    """Read and drop the rest of a request body, up to about ``limit`` bytes: True if it ended."""
+    dropped = 0
+    while dropped <= limit:
+        try:
+            msg = await receive()
+        except BodyTimeout:
+            return False
+        if msg["type"] != "http.request":
+            return False
+        dropped += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +348,11 @@ def create_app(
         raise ValueError("give model_path or generator (one of them)")
     settings = settings or ServeSettings()
     state = _State()
+    docs = settings.docs  # the browsers load JavaScript from a CDN: only when asked
     app = FastAPI(
         title="textgen",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
         version=_version(),
         summary="Character-level LSTM text generation (one ONNX file, onnxruntime, continuous batching).",
         lifespan=_lifespan(state, settings, model_path, generator),
@@ -295,6 +362,7 @@ def create_app(
     app.state.limits = settings.limits()
     app.state.textgen = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)  # outside BodyLimit: its drain is timed
     _add_exception_handlers(app, settings)
     _add_probe_routes(app, state)
     _add_generate_route(app, state, GenerateRequest)

@@ -21,6 +21,11 @@ serve.ray_serve:app_builder``, ``args: {model_path: /models/model.onnx}``). Its 
                                          replica's TEXTGEN_* environment, else ServeSettings')
 
 A replica whose engine thread died fails Ray Serve's health check and is replaced.
+
+The app's own bounds hold in every replica (body size and deadline, queued prompt characters,
+rows in flight, docs pages off); the connection-level ones of ``textgen serve`` (head size and
+deadline, open connections: ``serve.server``, uvicorn options) are the Ray Serve proxy's business
+here, which terminates the clients' connections: set them in its HTTP options, or in front of it.
 """
 
 from __future__ import annotations

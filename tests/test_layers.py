@@ -64,7 +64,7 @@ RANKS = [
     ("serve.decode",),
     ("serve.generator",),
     ("serve.engine",),
-    ("serve.http",),
+    ("serve.http", "serve.server"),
     ("serve.ray_serve",),
     ("export.cli", "serve.cli"),
     ("textgen.cli", "textgen.__main__"),

@@ -81,9 +81,10 @@ def start_server(model: Path, *flags: str, env: dict[str, str] | None = None, ti
 
 @pytest.fixture(scope="module")
 def server(small_onnx):
-    """Caps small enough to test: max_chars 2,000, 16 rows, n <= 4, prompts <= 300 (from the env)."""
+    """Caps small enough to test: max_chars 2,000, 16 rows, n <= 4, prompts <= 300 (from the env);
+    /docs and /redoc served."""
     s = start_server(small_onnx, "--max-chars-cap", "2000", "--max-rows", "16", "--max-n", "4",
-                     "--stream-interval-ms", "10", env={"TEXTGEN_MAX_PROMPT_CHARS": "300"})
+                     "--stream-interval-ms", "10", "--docs", env={"TEXTGEN_MAX_PROMPT_CHARS": "300"})
     yield s
     s.stop()
 
@@ -177,6 +178,7 @@ def test_health_ready_model_stats_and_openapi(server, client, small_onnx, gen):
     assert request["properties"]["top_p"]["exclusiveMinimum"] == 0 and request["properties"]["prompt"]["description"]
     assert "429" in schema["paths"]["/v1/generate"]["post"]["responses"]
     assert client.get(server.url("/docs")).status_code == 200
+    assert client.get(server.url("/redoc")).status_code == 200
 
 
 def test_generate_equals_the_generator_for_the_same_seed(server, client, gen):

@@ -4,6 +4,7 @@ per result.
     python -m bench.http_load --model runs/default/model.onnx
     python -m bench.http_load --model M --phases 8,32,32 --requests 20 --max-chars 500 --time-limit 120
     python -m bench.http_load --model M --client httpx --skip-batch --server-arg=--stream-interval-ms=20
+    python -m bench.http_load --model M --hol      # head-of-line: a short stream behind 40 long prompts
 
 The server runs as a subprocess on 127.0.0.1 (a free port); the clients are streams of one
 ``aiohttp.ClientSession`` (or ``httpx.AsyncClient`` with ``--client httpx``) in this process, each
@@ -20,6 +21,14 @@ sending its requests one after another (``stream: true``, parsing the Server-Sen
                     (the mean of those phases) >= 50% of batch_in_process; zero errors and zero 5xx
                     (every phase stays within the server's in-flight limit); the server's RSS once
                     loaded and after each phase, and its growth between the last two equal phases
+
+``--hol`` measures head-of-line blocking instead: ``--hol-long`` streams (40) with prompts of
+``--hol-prompt-chars`` (10,000) characters are admitted, then, while their prompts are still being
+consumed (the server's ``--max-queued-prefill-chars`` raised to admit them all, unless given with
+``--server-arg``), ``--hol-short`` (3) short streams (20-character prompts) are sent one after another; one
+``hol`` line per short stream (its time to first character, the long ones still queued), one
+``hol_idle`` line (the same request on the idle server, first) and a ``hol_summary`` with the goal
+(first character within 0.5 s).
 
 The machine is shared by the server, the clients and whatever else runs: the clients' own CPU
 (SSE parsing in Python) is part of what is measured, as it would be on one box.
@@ -45,6 +54,7 @@ from bench import generation
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "runs" / "default" / "model.onnx"
 GOALS = {"ttfc_p99_ms_at_8": 100.0, "throughput_vs_batch": 0.5}
+HOL_GOAL_MS = 500.0  # a short stream's first character with long prompts queued
 SAMPLING = generation.SAMPLING  # the in-process reference's settings
 
 
@@ -117,6 +127,14 @@ def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     proc.argv = argv  # type: ignore[attr-defined]
     return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def wait_ready(client, base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -280,12 +298,89 @@ async def run_load(model: Path, args: argparse.Namespace) -> tuple[dict, list[di
             emit(p)
             phases.append(p)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return server, phases
+
+
+# ---------------------------------------------------------------------------------------------
+# Head-of-line blocking
+
+
+async def first_char_ms(client: Client, body: dict) -> tuple[int, float | None]:
+    """(status, ms to the first ``delta``) of one streaming request, read to its end."""
+    t0, first, buffer = time.perf_counter(), None, b""
+    async with client.post({**body, "stream": True}) as (status, chunks):
+        async for chunk in chunks:
+            buffer += chunk
+            if first is None and b"event: delta" in buffer:
+                first = round(1000 * (time.perf_counter() - t0), 1)
+    return status, first
+
+
+async def hol_load(base: str, args: argparse.Namespace) -> list[dict]:
+    """The short streams' lines, sent while ``--hol-long`` long prompts are admitted and queued."""
+    import httpx
+
+    long_body = {"prompt": (args.prompt * args.hol_prompt_chars)[: args.hol_prompt_chars], "max_chars": 20, "seed": 1}
+    short_body = {"prompt": (args.prompt * 20)[:20], "max_chars": 20, "seed": 2}
+    client = Client(args.client, base, args.hol_long + 4)
+    lines = []
+    try:
+        status, idle = await first_char_ms(client, short_body)
+        lines.append({"bench": "hol_idle", "status": status, "first_char_ms": idle})
+        longs = [asyncio.ensure_future(first_char_ms(client, {**long_body, "seed": i})) for i in range(args.hol_long)]
+        async with httpx.AsyncClient(timeout=10) as http:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(t.done() for t in longs):
+                stats = (await http.get(f"{base}/v1/stats")).json()
+                if stats["requests_total"] >= args.hol_long + 1:
+                    break
+                await asyncio.sleep(0.005)
+            for i in range(args.hol_short):
+                queued = (await http.get(f"{base}/v1/stats")).json().get("prefill_chars_queued")
+                status, ms = await first_char_ms(client, {**short_body, "seed": 10 + i})
+                lines.append({"bench": "hol", "long_prompts": args.hol_long, "long_prompt_chars": args.hol_prompt_chars,
+                              "short_prompt_chars": 20, "status": status, "first_char_ms": ms,
+                              "prefill_chars_queued_before": queued})
+        done = await asyncio.wait_for(asyncio.gather(*longs, return_exceptions=True), args.time_limit)
+        statuses: dict[str, int] = {}
+        for r in done:
+            key = str(r[0]) if isinstance(r, tuple) else type(r).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+        lines.append({"bench": "hol_long", "statuses": statuses})
+    finally:
+        await client.close()
+    return lines
+
+
+async def run_hol(model: Path, args: argparse.Namespace) -> list[dict]:
+    import httpx
+
+    port = args.port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(model, port, args)
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            await wait_ready(http, base, proc)
+        return await hol_load(base, args)
+    finally:
+        stop_server(proc)
+
+
+def hol_main(args: argparse.Namespace) -> int:
+    if not any(a.startswith("--max-queued-prefill-chars") for a in args.server_arg):  # every long prompt admitted
+        args.server_arg += [f"--max-queued-prefill-chars={args.hol_long * args.hol_prompt_chars}"]
+    if not any(a.startswith("--max-prompt-chars") for a in args.server_arg):
+        args.server_arg += [f"--max-prompt-chars={max(args.hol_prompt_chars, 20)}"]
+    emit({"bench": "hol_server", "server_args": args.server_arg})
+    lines = asyncio.run(run_hol(args.model, args))
+    for line in lines:
+        emit(line)
+    short = [x["first_char_ms"] for x in lines if x["bench"] == "hol"]
+    worst = None if None in short or not short else max(short)
+    emit({"bench": "hol_summary", "first_char_ms_max": worst, "goal_ms": HOL_GOAL_MS,
+          "meets_goal": worst is not None and worst <= HOL_GOAL_MS})
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,12 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-batch", action="store_true", help="do not measure the in-process reference")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `textgen serve` (repeat; e.g. --server-arg=--stream-interval-ms=10)")
+    p.add_argument("--hol", action="store_true", help="measure head-of-line blocking instead (see above)")
+    p.add_argument("--hol-long", type=int, default=40, help="long-prompt streams of --hol (default: %(default)s)")
+    p.add_argument("--hol-prompt-chars", type=int, default=10_000,
+                   help="characters of each long prompt (default: %(default)s)")
+    p.add_argument("--hol-short", type=int, default=3, help="short streams measured (default: %(default)s)")
     args = p.parse_args(argv)
     args.phases = [int(x) for x in args.phases.split(",") if x.strip()]
     if not args.model.exists():
         raise SystemExit(f"no model at {args.model}: train and export one, or pass --model")
     if args.client == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
         raise SystemExit("aiohttp is not installed (pip install aiohttp, or use --client httpx)")
+    if args.hol:
+        return hol_main(args)
 
     reference = None
     if not args.skip_batch:

@@ -72,3 +72,26 @@ def test_split_errors():
         split_ids(np.arange(30), 0.1, seq_len=20)
     with pytest.raises(CorpusError, match="validation tail"):
         split_ids(np.arange(100), 0.1, seq_len=20)
+
+
+def test_a_link_out_of_a_corpus_directory_is_refused(tmp_path: Path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("root:x:0:0:root\n", encoding="utf-8")
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("alice was beginning\n", encoding="utf-8")
+    (tmp_path / "d" / "b.txt").symlink_to(tmp_path / "d" / "a.txt")  # inside the directory: fine
+    assert load_corpus([tmp_path / "d"]).text == "alice was beginning\n" * 2
+    (tmp_path / "d" / "sub" / "passwd.txt").symlink_to(outside)
+    with pytest.raises(CorpusError, match=r"passwd.txt is a link to .*secret.txt, outside the directory"):
+        load_corpus([tmp_path / "d"])
+    (tmp_path / "d" / "sub" / "passwd.txt").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.txt").write_text("more\n", encoding="utf-8")
+    (tmp_path / "d" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    try:  # Python 3.11's rglob does not follow a link to a directory; where it does, it is refused
+        text = load_corpus([tmp_path / "d"]).text
+    except CorpusError as e:
+        assert "outside the directory" in str(e)
+    else:
+        assert "more" not in text
+    assert load_corpus([outside]).text == "root:x:0:0:root\n"  # a file named on its own is the user's choice

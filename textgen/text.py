@@ -6,8 +6,9 @@ corpus, lowercased); index = id. Characters outside it have an explicit policy: 
 message names them), ``skip`` (drop them) or ``replace`` (by a replacement in the vocabulary).
 
 Corpus: strict UTF-8 files; a byte-order mark is dropped and ``\\r\\n`` becomes ``\\n``; a directory
-means every ``*.txt`` below it, sorted; several files are joined with a ``\\n`` after any that does
-not end in one; lowercased unless asked not to. The held-out part is the contiguous tail
+means every ``*.txt`` below it, sorted (one that links to a file outside the directory is refused);
+several files are joined with a ``\\n`` after any that does not end in one; lowercased unless asked
+not to. The held-out part is the contiguous tail
 (``val_fraction`` of the characters): for the bundled corpus 144,431 characters, of which the last
 14,443 are held out.
 """
@@ -161,6 +162,7 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*.txt") if f.is_file())
+            _refuse_outside(p, found)
             if not found:
                 raise CorpusError(f"corpus directory {p} has no *.txt files")
             files.extend(found)
@@ -173,6 +175,19 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise CorpusError("no corpus given; pass one or more text files or directories")
     return files
+
+
+def _refuse_outside(directory: Path, found: list[Path]) -> None:
+    """A file below a corpus directory whose resolved path is outside it (through a symbolic link
+    to a file or a directory) is refused: a directory means its own files, never ``/etc/passwd``."""
+    root = directory.resolve()
+    for f in found:
+        target = f.resolve()
+        if not target.is_relative_to(root):
+            raise CorpusError(
+                f"corpus directory {directory}: {f} is a link to {target}, outside the directory; "
+                "remove the link, or pass that file by its own path if you mean to train on it"
+            )
 
 
 def read_text(path: Path) -> str:

@@ -91,7 +91,7 @@ def export_checkpoint(
     gen_check = check_generation(onnx_bytes, ckpt, seed=seed)
     _describe(proto, ckpt, _metadata(ckpt, max_diff, precision, gen_check))
     onnx.checker.check_model(proto)
-    out = atomic_write(out, proto.SerializeToString())
+    out = atomic_write(out, C.seal_content_hash(proto.SerializeToString()))
     return ExportResult(out, out.stat().st_size, max_diff, lstm_ops, ckpt.path, precision)
 
 
@@ -158,6 +158,7 @@ def _metadata(ckpt: ckptlib.Checkpoint, max_diff: float, precision: str, gen_che
             "inputs": list(C.GENERATION_INPUTS), "output": SAMPLED_IDS, "precision": precision, **gen_check,
         }),
         C.META_EXPORTED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        C.META_CONTENT_SHA256: C.CONTENT_HASH_PLACEHOLDER,  # sealed when the file is written
     }
 
 

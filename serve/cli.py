@@ -188,6 +188,10 @@ def _eval(args: argparse.Namespace) -> int:
         )
     total, chars, windows = model.window_loss(ids, seq_len, args.batch_size)
     loss = total / chars
+    if not math.isfinite(loss):
+        raise GeneratorError(f"{args.model} gives a {args.split} loss of {loss}: its weights produce non-finite "
+                             "logits; export it again from a checkpoint that trained normally")
+    val_loss = info.metrics.get("val_loss")
     print(json.dumps({
         "loss_nats": loss,
         "bpc": loss / math.log(2),
@@ -195,8 +199,8 @@ def _eval(args: argparse.Namespace) -> int:
         "windows": windows,
         "unknown_skipped": skipped,
         "split": args.split,
-        "model_val_loss": info.metrics.get("val_loss"),
-    }), flush=True)
+        "model_val_loss": val_loss if isinstance(val_loss, (int, float)) and math.isfinite(val_loss) else None,
+    }, allow_nan=False), flush=True)
     return 0
 
 

@@ -124,8 +124,9 @@ class OnnxModel:
         elif num_threads is not None:
             session_options(num_threads)  # validates
             options.intra_op_num_threads = num_threads
+        data = p.read_bytes()  # one read: what is checked is what runs
         try:
-            session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except _ORT_LOAD_ERRORS as e:
             reason = str(e).split(" : ")[-1].strip()
             reason = re.sub(r"^Load model from .* failed:\s*", "", reason)
@@ -134,7 +135,9 @@ class OnnxModel:
                 f"of file: {HOW_TO_EXPORT}"
             ) from None
         info = read_metadata(session.get_modelmeta().custom_metadata_map, str(p))
-        return cls(session, info, str(p))
+        model = cls(session, info, str(p))
+        _check_content_hash(data, str(p))
+        return model
 
     # -- the interface the generator uses -------------------------------------------------------
 
@@ -244,12 +247,25 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
     for name, key in (("train_config", C.META_TRAIN_CONFIG), ("metrics", C.META_METRICS)):
         value = _json(meta, key, path) if key in meta else {}
         optional[name] = value if isinstance(value, dict) else {}
+    val_fraction = optional["train_config"].get("val_fraction", 0.1)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 0.5:
+        raise ModelFileError(f"{path}: bad textgen metadata: {C.META_TRAIN_CONFIG}: val_fraction must be in "
+                             f"(0, 0.5) as in training, got {val_fraction!r}; {HOW_TO_EXPORT}")
     return ModelInfo(
         vocab=tuple(v[C.META_VOCAB]), lowercase=v[C.META_LOWERCASE], state_inputs=tuple(v[C.META_STATE_INPUTS]),
         state_outputs=tuple(v[C.META_STATE_OUTPUTS]), state_sizes=tuple(v[C.META_STATE_SIZES]),
         model_config=v[C.META_MODEL_CONFIG], generation=v[C.META_GENERATION],
         exported_at=meta.get(C.META_EXPORTED_AT), **optional,
     )
+
+
+def _check_content_hash(data: bytes, path: str) -> None:
+    """The file's bytes must match the content hash written at export (``textgen.contract``); a
+    file exported before there was one has none to check."""
+    found = C.content_sha256(data)
+    if found is not None and found[0] != found[1]:
+        raise ModelFileError(f"{path} was modified after export (content hash mismatch); export it again "
+                             f"with `textgen export RUN_DIR --out model.onnx`")
 
 
 def _check_version(meta: dict[str, str], path: str) -> None:
@@ -284,8 +300,11 @@ def _metadata_problems(v: dict[str, Any]) -> list[str]:
             problems.append(f"{C.META_VOCAB}: {e}")
     if not isinstance(v[C.META_LOWERCASE], bool):
         problems.append(f"{C.META_LOWERCASE} must be true or false")
-    if not isinstance(v[C.META_MODEL_CONFIG], dict):
+    model_config = v[C.META_MODEL_CONFIG]
+    if not isinstance(model_config, dict):
         problems.append(f"{C.META_MODEL_CONFIG} must be a JSON object")
+    elif "seq_len" in model_config and not (type(model_config["seq_len"]) is int and model_config["seq_len"] >= 2):
+        problems.append(f"{C.META_MODEL_CONFIG}: seq_len must be an integer >= 2, got {model_config['seq_len']!r}")
     if not (isinstance(ins, list) and isinstance(outs, list) and isinstance(sizes, list)
             and len(ins) == len(outs) == len(sizes) > 0 and all(isinstance(n, str) for n in ins + outs)
             and all(isinstance(h, int) and h > 0 for h in sizes)):

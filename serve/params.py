@@ -29,6 +29,8 @@ DEFAULT_TOP_P = 1.0  # off
 MAX_CHARS_CAP = 100_000  # per request; raise it with Generator(max_chars_cap=...)
 MAX_PROMPT_CHARS = 100_000  # a longer prompt is a mistake more often than a wish
 MAX_BATCH = 4096  # rows of one generate_batch call
+# The graph's top_k input is int64; any top_k >= the vocabulary size keeps every character (as 0).
+MAX_TOP_K_INT64 = 2**63 - 1
 # A server's bounds beyond the Generator's (its requests are strangers' JSON).
 MAX_TEMPERATURE = 100.0  # beyond it every character is equally likely anyway
 MAX_TOP_K = 1_000_000
@@ -71,7 +73,7 @@ class Limits:
     max_stops: int | None = None
     max_stop_chars: int | None = None
     max_temperature: float | None = None
-    max_top_k: int | None = None
+    max_top_k: int = MAX_TOP_K_INT64
     max_seed: int | None = None
     # field -> how to get more ("raise it with ..."), appended to the refusal
     hints: Mapping[str, str] = field(default_factory=lambda: {

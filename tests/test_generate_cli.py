@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,7 @@ def test_generate_several_samples_with_sampling_options_and_stop(small_onnx):
         (["--num-samples", "0"], ["--num-samples must be at least 1"]),
         (["--prompt", "5 €"], ["unknown characters in prompt: '5', '€' (model vocabulary: 45 chars)", "--unknown"]),
         (["--num-threads", "-1"], ["num_threads must be an integer >= 0"]),
+        (["--top-k", "99999999999999999999"], ["top_k must be <= 9223372036854775807"]),  # beyond int64
     ],
 )
 def test_generate_rejects_bad_parameters(small_onnx, args, needles):
@@ -126,3 +128,33 @@ def test_eval_errors(tmp_path, small_onnx):
     assert_user_error(textgen("eval", small_onnx, "--corpus", tmp_path / "latin1.txt"), "is not UTF-8")
     proc = textgen("eval", small_onnx)  # --corpus is required: argparse says so
     assert proc.returncode == 2 and "--corpus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_refuses_a_model_whose_loss_is_not_finite(tmp_path, small_onnx):
+    from onnx import numpy_helper
+
+    from tests.test_generator import sealed_copy
+
+    def nan_logits(proto):
+        t = next(t for t in proto.graph.initializer if "logits" in t.name and "BiasAdd" in t.name)
+        t.CopyFrom(numpy_helper.from_array(np.full(t.dims, np.nan, np.float32), t.name))
+
+    path = sealed_copy(small_onnx, tmp_path / "nan.onnx", nan_logits)
+    proc = textgen("eval", path, "--corpus", BUNDLED)
+    assert_user_error(proc, "loss of nan", "non-finite logits")
+    assert "NaN" not in proc.stdout and proc.stdout == ""
+
+
+@pytest.mark.parametrize("key, change, needle", [
+    ("model_config", {"seq_len": 0}, "seq_len must be an integer >= 2, got 0"),
+    ("train_config", {"val_fraction": 0.999}, "val_fraction must be in (0, 0.5)"),
+])
+def test_eval_refuses_metadata_out_of_range(tmp_path, small_onnx, key, change, needle):
+    from tests.test_generator import sealed_copy
+
+    def edit(proto):
+        for p in proto.metadata_props:
+            if p.key == "textgen." + key:
+                p.value = json.dumps({**json.loads(p.value), **change})
+
+    assert_user_error(textgen("eval", sealed_copy(small_onnx, tmp_path / "m.onnx", edit), "--corpus", BUNDLED), needle)

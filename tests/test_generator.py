@@ -453,3 +453,122 @@ def test_generator_process_imports_no_training_stack(small_onnx, tmp_path):
     result = json.loads(proc.stdout)
     assert len(result["text"]) == 25
     assert result["loaded"] == [], f"the generator imported {result['loaded']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata a reader would trip over later, and the content hash
+
+
+def _metadata_of(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.parametrize(
+    "key, edit, message",
+    [
+        ("model_config", lambda c: {**c, "seq_len": 0}, r"textgen.model_config: seq_len must be an integer >= 2, got 0"),
+        ("model_config", lambda c: {**c, "seq_len": 32.5}, r"seq_len must be an integer >= 2, got 32.5"),
+        ("train_config", lambda c: {**c, "val_fraction": 0.999}, r"val_fraction must be in \(0, 0.5\) as in training"),
+        ("vocab", lambda v: ["\ud800", *v[1:]], r"textgen.vocab: vocabulary entries must be characters, not UTF-16"),
+    ],
+)
+def test_metadata_values_out_of_range_are_refused_at_load(tmp_path, small_onnx, key, edit, message):
+    value = edit(json.loads(_metadata_of(small_onnx)["textgen." + key]))
+    path = _with_metadata(small_onnx, tmp_path / "m.onnx", **{key: json.dumps(value)})  # ASCII: \ud800 escaped
+    with pytest.raises(ModelFileError, match=message):
+        Generator.load(path)
+
+
+def sealed_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of ``src`` changed by ``edit(proto)`` and sealed again like an export (so that the
+    check under test is the one after the content hash)."""
+    import onnx
+
+    from textgen import contract as C
+
+    proto = onnx.load(str(src))
+    edit(proto)
+    for p in proto.metadata_props:
+        if p.key == C.META_CONTENT_SHA256:
+            p.value = C.CONTENT_HASH_PLACEHOLDER
+    dst.write_bytes(C.seal_content_hash(proto.SerializeToString()))
+    return dst
+
+
+def _largest_float_initializer(proto):
+    from onnx import TensorProto
+
+    floats = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT]
+    return max(floats, key=lambda t: int(np.prod(t.dims)))
+
+
+def _scale_2000_weights(proto) -> None:
+    from onnx import numpy_helper
+
+    t = _largest_float_initializer(proto)
+    w = numpy_helper.to_array(t).copy()
+    w.reshape(-1)[:2000] *= 50
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+
+
+def _edit_vocabulary(change):
+    def edit(proto) -> None:
+        for p in proto.metadata_props:
+            if p.key == "textgen.vocab":
+                p.value = json.dumps(change(json.loads(p.value)), ensure_ascii=False)
+    return edit
+
+
+def _swap(v: list[str]) -> list[str]:
+    return [*v[:10], v[11], v[10], *v[12:]]
+
+
+def _shift_one_entry(v: list[str]) -> list[str]:
+    """Still sorted and distinct: one character becomes its successor (not in the vocabulary)."""
+    i = next(i for i in range(len(v) - 1) if ord(v[i + 1]) - ord(v[i]) > 1)
+    return [*v[:i], chr(ord(v[i]) + 1), *v[i + 1:]]
+
+
+MODIFIED = r"was modified after export \(content hash mismatch\); export it again"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_scale_2000_weights, MODIFIED),
+    (_edit_vocabulary(_shift_one_entry), MODIFIED),
+    (_edit_vocabulary(_swap), "vocabulary characters must be sorted"),  # caught before the hash
+])
+def test_a_model_changed_after_export_is_refused(tmp_path, small_onnx, edit, message):
+    import onnx
+
+    proto = onnx.load(str(small_onnx))
+    edit(proto)
+    onnx.save(proto, str(tmp_path / "changed.onnx"))
+    with pytest.raises(ModelFileError, match=message):
+        Generator.load(tmp_path / "changed.onnx")
+
+
+def test_the_untouched_file_and_an_older_export_without_a_hash_load(tmp_path, small_onnx):
+    from textgen import contract as C
+
+    assert C.META_CONTENT_SHA256 in _metadata_of(small_onnx)
+    Generator.load(small_onnx)
+    old = _with_metadata(small_onnx, tmp_path / "old.onnx", content_sha256=None)
+    assert C.content_sha256(old.read_bytes()) is None
+    assert Generator.load(old).generate("alice", max_chars=20, seed=1) == Generator.load(small_onnx).generate(
+        "alice", max_chars=20, seed=1)
+    resealed = sealed_copy(small_onnx, tmp_path / "again.onnx", lambda proto: None)
+    Generator.load(resealed)  # the scheme a reader recomputes is the exporter's
+
+
+def test_the_content_hash_can_be_recomputed_from_the_file_alone(small_onnx):
+    import hashlib
+
+    from textgen import contract as C
+
+    data = Path(small_onnx).read_bytes()
+    stored = _metadata_of(small_onnx)[C.META_CONTENT_SHA256]
+    assert data.count(C.CONTENT_HASH_PREFIX) == 1
+    zeroed = data.replace(C.CONTENT_HASH_PREFIX + stored.encode(), C.CONTENT_HASH_PREFIX + b"0" * 64)
+    assert hashlib.sha256(zeroed).hexdigest() == stored

@@ -12,9 +12,20 @@ B, T and K are free. With K = 0 one call is the plain step model: the logits of 
 the state after ``char_ids``. With K > 0 the graph also samples K characters per row; the state
 outputs are then the state after ``char_ids`` and the first K - 1 sampled ids: the last sampled id
 is *pending*, the next call's ``char_ids`` (B, 1).
+
+Content hash (``META_CONTENT_SHA256``): the sha256, as 64 lowercase hex digits, of the file's own
+bytes with those 64 digits replaced by 64 ASCII ``0``. The exporter serializes the model with the
+value ``"0" * 64``, hashes those bytes and writes the digits in place of the zeros (the entry has a
+fixed length, so nothing else moves). A reader needs no protobuf: the entry is serialized as the
+bytes ``CONTENT_HASH_PREFIX`` (field 1 = the key, field 2 = a 64-byte value) followed by the 64
+digits; it finds that prefix (exactly once), reads the digits, puts zeros there and hashes the
+file (``content_sha256``). It covers every byte: the graph, the initializers and every metadata
+value. A file without the entry (exported before it existed) has no hash to check.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 # Bumped when a reader of the old version would compute something else from a new file.
 FORMAT_VERSION = 1
@@ -62,10 +73,11 @@ META_STATE_SIZES = "textgen.state_sizes"  # [H_0, H_0, H_1, H_1, ...], one per s
 META_PARITY = "textgen.parity_max_abs_diff"  # max |logits_keras - logits_onnx| measured at export
 META_GENERATION = "textgen.generation"  # the sampling loop's inputs/output, precision, checks
 META_EXPORTED_AT = "textgen.exported_at"  # ISO 8601 UTC
+META_CONTENT_SHA256 = "textgen.content_sha256"  # sha256 of the file (see the module docstring)
 METADATA_KEYS = (
     META_FORMAT_VERSION, META_VOCAB, META_LOWERCASE, META_MODEL_CONFIG, META_TRAIN_CONFIG,
     META_METRICS, META_STATE_INPUTS, META_STATE_OUTPUTS, META_STATE_SIZES, META_PARITY,
-    META_GENERATION, META_EXPORTED_AT,
+    META_GENERATION, META_EXPORTED_AT, META_CONTENT_SHA256,
 )
 # What a reader cannot do without (the rest is informative). A file with all of these but no
 # META_GENERATION is a step model of an older textgen, without the sampling loop.
@@ -73,3 +85,33 @@ REQUIRED_METADATA = (
     META_FORMAT_VERSION, META_VOCAB, META_LOWERCASE, META_MODEL_CONFIG, META_STATE_INPUTS,
     META_STATE_OUTPUTS, META_STATE_SIZES,
 )
+
+# The content hash's entry as protobuf serializes it: tag 0x0a (field 1, bytes), the key's length and
+# the key, tag 0x12 (field 2, bytes), length 64; then the 64 hex digits.
+CONTENT_HASH_PLACEHOLDER = "0" * 64
+CONTENT_HASH_PREFIX = (b"\x0a" + bytes([len(META_CONTENT_SHA256)]) + META_CONTENT_SHA256.encode("ascii")
+                       + b"\x12" + bytes([len(CONTENT_HASH_PLACEHOLDER)]))
+
+
+def content_sha256(data: bytes) -> tuple[str, str] | None:
+    """(stored, computed) content hash of an ONNX file's bytes; None if it has no such entry.
+    With more than one entry nothing can be verified: computed is then the empty string."""
+    at = data.find(CONTENT_HASH_PREFIX)
+    if at < 0:
+        return None
+    start = at + len(CONTENT_HASH_PREFIX)
+    stored = data[start : start + 64].decode("ascii", "replace")
+    if data.find(CONTENT_HASH_PREFIX, at + 1) >= 0:
+        return stored, ""
+    zeroed = data[:start] + CONTENT_HASH_PLACEHOLDER.encode("ascii") + data[start + 64 :]
+    return stored, hashlib.sha256(zeroed).hexdigest()
+
+
+def seal_content_hash(data: bytes) -> bytes:
+    """The exporter's half: bytes serialized with the placeholder value -> the same bytes with the
+    content hash written in its place."""
+    stored, computed = content_sha256(data) or (None, "")
+    if stored != CONTENT_HASH_PLACEHOLDER or not computed:
+        raise ValueError("the serialized model must hold exactly one content hash entry with the placeholder")
+    start = data.find(CONTENT_HASH_PREFIX) + len(CONTENT_HASH_PREFIX)
+    return data[:start] + computed.encode("ascii") + data[start + 64 :]

@@ -171,14 +171,16 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """A real `ray start --head` on 127.0.0.1 with its own temp dir, stopped by its pid (``--block``
+    """A real `ray start --head` on 127.0.0.1 with token auth and its own temp dir, stopped by its pid (``--block``
     keeps the launcher alive; SIGTERM to it stops every process it started), even when the test
     fails; not with the force flag of `ray stop`, which stops every Ray of the machine's user."""
+    import secrets
     import shutil
     import tempfile
     import urllib.request
 
     env = _env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))  # as on a real cluster
     dash = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="tg-ray-", dir="/tmp")  # short: Ray's socket paths must fit
     head = subprocess.Popen(
@@ -192,7 +194,9 @@ def ray_head():
         while True:
             assert head.poll() is None, f"ray start --head exited with {head.returncode}"
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                ask = urllib.request.Request(f"http://127.0.0.1:{dash}/api/version",
+                                             headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+                urllib.request.urlopen(ask, timeout=2)
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the Ray head's dashboard did not come up in 180 s"

@@ -67,8 +67,14 @@ class ModelInfo:
     model_config: dict[str, Any]  # kind, embedding_dim, lstm_units, dropout, seq_len
     train_config: dict[str, Any] = field(default_factory=dict)  # val_fraction, seed, lowercase, ...
     metrics: dict[str, Any] = field(default_factory=dict)  # val_loss, val_bpc, epoch, ...
-    generation: dict[str, Any] = field(default_factory=dict)  # precision, export-time checks, ...
+    generation: dict[str, Any] = field(default_factory=dict)  # precision, noise, export-time checks, ...
     exported_at: str | None = None
+    format_version: int = C.FORMAT_VERSION
+
+    @property
+    def noise(self) -> str:
+        """The noise algorithm the file's texts are defined with (``textgen.contract``)."""
+        return self.generation.get("noise", C.NOISE_OF_VERSION[self.format_version])
 
     @property
     def vocab_size(self) -> int:
@@ -238,9 +244,9 @@ def _json(meta: dict[str, str], key: str, path: str) -> Any:
 
 
 def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
-    _check_version(meta, path)
+    version = _check_version(meta, path)
     v = {key: _json(meta, key, path) for key in (*REQUIRED_METADATA, C.META_GENERATION) if key != C.META_FORMAT_VERSION}
-    problems = _metadata_problems(v)
+    problems = _metadata_problems(v, version)
     if problems:
         raise ModelFileError(f"{path}: bad textgen metadata: {'; '.join(problems)}; {HOW_TO_EXPORT}")
     optional = {}
@@ -255,7 +261,7 @@ def read_metadata(meta: dict[str, str], path: str = "<memory>") -> ModelInfo:
         vocab=tuple(v[C.META_VOCAB]), lowercase=v[C.META_LOWERCASE], state_inputs=tuple(v[C.META_STATE_INPUTS]),
         state_outputs=tuple(v[C.META_STATE_OUTPUTS]), state_sizes=tuple(v[C.META_STATE_SIZES]),
         model_config=v[C.META_MODEL_CONFIG], generation=v[C.META_GENERATION],
-        exported_at=meta.get(C.META_EXPORTED_AT), **optional,
+        exported_at=meta.get(C.META_EXPORTED_AT), format_version=version, **optional,
     )
 
 
@@ -268,8 +274,8 @@ def _check_content_hash(data: bytes, path: str) -> None:
                              f"with `textgen export RUN_DIR --out model.onnx`")
 
 
-def _check_version(meta: dict[str, str], path: str) -> None:
-    """A textgen file of this format version, with the sampling loop."""
+def _check_version(meta: dict[str, str], path: str) -> int:
+    """A textgen file of a format version this reader reads, with the sampling loop: its version."""
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelFileError(
@@ -277,17 +283,20 @@ def _check_version(meta: dict[str, str], path: str) -> None:
             f"textgen's exporter; {HOW_TO_EXPORT}"
         )
     version = meta[C.META_FORMAT_VERSION]
-    if version != str(C.FORMAT_VERSION):  # the metadata holds it as a string
+    readable = {str(n): n for n in C.READABLE_FORMAT_VERSIONS}  # the metadata holds it as a string
+    if version not in readable:
+        versions = " and ".join(map(str, C.READABLE_FORMAT_VERSIONS))
         raise ModelFileError(
-            f"{path} has {C.META_FORMAT_VERSION} {version!r}; this generator reads version {C.FORMAT_VERSION}; "
+            f"{path} has {C.META_FORMAT_VERSION} {version!r}; this generator reads versions {versions}; "
             "export the model again with this version of textgen"
         )
     if C.META_GENERATION not in meta:  # a step model without the sampling loop
         raise ModelFileError(f"{path}: {OLDER_TEXTGEN} (it has no {C.META_GENERATION} metadata and no sampling loop)")
+    return readable[version]
 
 
-def _metadata_problems(v: dict[str, Any]) -> list[str]:
-    """What is wrong with the parsed metadata values (key -> value)."""
+def _metadata_problems(v: dict[str, Any], version: int) -> list[str]:
+    """What is wrong with the parsed metadata values (key -> value) of a file of ``version``."""
     vocab, ins, outs, sizes = v[C.META_VOCAB], v[C.META_STATE_INPUTS], v[C.META_STATE_OUTPUTS], v[C.META_STATE_SIZES]
     problems = []
     if not (isinstance(vocab, list) and len(vocab) >= 2 and all(isinstance(c, str) and len(c) == 1 for c in vocab)
@@ -310,8 +319,12 @@ def _metadata_problems(v: dict[str, Any]) -> list[str]:
             and all(isinstance(h, int) and h > 0 for h in sizes)):
         problems.append(f"{C.META_STATE_INPUTS}, {C.META_STATE_OUTPUTS} and {C.META_STATE_SIZES} must be lists "
                         "of equal, non-zero length (names, names, positive sizes)")
-    if not isinstance(v[C.META_GENERATION], dict):
+    generation = v[C.META_GENERATION]
+    if not isinstance(generation, dict):
         problems.append(f"{C.META_GENERATION} must be a JSON object")
+    elif generation.get("noise", C.NOISE_OF_VERSION[version]) != C.NOISE_OF_VERSION[version]:
+        problems.append(f"{C.META_GENERATION}: noise {generation['noise']!r} is not format {version}'s "
+                        f"{C.NOISE_OF_VERSION[version]!r}")
     return problems
 
 
@@ -325,6 +338,8 @@ def _check_signature(session: ort.InferenceSession, info: ModelInfo, path: str) 
     want_out = {LOGITS: ("tensor(float)", [None, None, v])}
     want_out.update({n: ("tensor(float)", [None, h]) for n, h in zip(info.state_outputs, info.state_sizes)})
     want_out[SAMPLED_IDS] = ("tensor(int32)", [None, None])
+    if info.format_version >= 2:
+        want_out[C.METADATA_JSON] = ("tensor(uint8)", [None])
 
     def describe(args) -> dict[str, tuple[str, list]]:
         return {a.name: (a.type, list(a.shape)) for a in args}

@@ -13,11 +13,12 @@ same rule for tests, for fake models and for anyone reading, and makes the noise
 3. Gumbel-max: id = argmax(filtered + noise), with standard Gumbel noise (B, V), draws from
    softmax(filtered) exactly.
 
-Noise: every row has its own ``numpy.random.Generator``; a call of K steps takes
-``rng.gumbel(size=(K, V))`` from it, in order. ``Generator.gumbel`` draws one number per value, so
-a row's j-th character always gets the j-th block of V numbers of its stream, whatever the chunk
-sizes and whatever else shares the batch: a seed fixes the text. Greedy rows get zeros and draw
-nothing.
+Noise: every row has its own noise source; a call of K steps takes ``source.gumbel(size=(K, V))``
+from it, in order: a row's j-th character always gets the j-th block of V numbers, whatever the
+chunk sizes and whatever else shares the batch, so a seed fixes the text. Greedy rows get zeros and
+draw nothing. The source is the file's noise algorithm (``textgen.contract.NOISE_OF_VERSION``):
+``HashNoise`` (format 2, ``textgen-hash32-gumbel-v1``: a counter-based hash of (seed, position,
+index), docs/format.md) or, for a format-1 file, a ``numpy.random.Generator`` (PCG64).
 
     ids = sample_rows(logits, noise, t, k, p)   # (B, V), (B, V) Gumbel, (B,) settings -> (B,) int32
 
@@ -26,11 +27,12 @@ The settings are checked where a request is made (``serve.params.SamplingParams`
 
 from __future__ import annotations
 
+import secrets
 from typing import Sequence
 
 import numpy as np
 
-from textgen.contract import GREEDY_TEMPERATURE
+from textgen.contract import GREEDY_TEMPERATURE, HASH_SALT, NOISE_HASH32, NOISE_PCG64
 
 
 def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
@@ -55,8 +57,36 @@ def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
     return np.argmax(filtered + np.asarray(noise, np.float32), axis=1).astype(np.int32)
 
 
+def lowbias32(x: np.ndarray) -> np.ndarray:
+    """``textgen.contract.lowbias32`` on a uint32 array (numpy's uint32 products wrap mod 2**32)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+class HashNoise:
+    """A row's ``textgen-hash32-gumbel-v1`` noise: ``gumbel(size=(K, V))`` gives the noise of its next
+    K positions (``textgen.contract.hash_gumbel`` for each, vectorized)."""
+
+    def __init__(self, seed: int) -> None:
+        r = seed % (1 << 64)
+        lo, hi = np.array([r & 0xFFFFFFFF, r >> 32], np.uint32)
+        self.key = lowbias32(lowbias32(np.array([lo ^ np.uint32(HASH_SALT)], np.uint32)) ^ hi)
+        self.position = 0
+
+    def gumbel(self, size: tuple[int, int]) -> np.ndarray:
+        steps, vocab_size = size
+        j = np.arange(self.position, self.position + steps, dtype=np.uint64).astype(np.uint32)
+        self.position += steps
+        h = lowbias32(lowbias32(self.key ^ j)[:, None] ^ np.arange(vocab_size, dtype=np.uint32))
+        u = ((h >> np.uint32(8)).astype(np.float64) + 0.5) * (1.0 / (1 << 24))
+        return (-np.log(-np.log(u))).astype(np.float32)
+
+
 class RowNoise:
-    """The graph's ``sample_noise`` for a batch: one ``numpy.random.Generator`` per row (None: a
+    """The graph's ``sample_noise`` for a batch: one noise source per row (``row_rng``; None: a
     greedy row, zeros). ``take(K)`` -> (B, K, V) float32, each row's next K x V standard Gumbel
     numbers; rows may leave (``keep``) and join (``extend``) between calls without changing what
     any other row gets."""
@@ -84,7 +114,11 @@ class RowNoise:
         self.rngs += list(rngs)
 
 
-def row_rng(seed: int | None, greedy: bool) -> np.random.Generator | None:
-    """A row's noise generator: None for a greedy row (it draws nothing), else seeded by ``seed``
-    (None: fresh entropy)."""
-    return None if greedy else np.random.default_rng(seed)
+def row_rng(seed: int | None, greedy: bool, noise: str = NOISE_HASH32) -> HashNoise | np.random.Generator | None:
+    """A row's noise source of the algorithm ``noise``: None for a greedy row (it draws nothing),
+    else seeded by ``seed`` (None: fresh entropy)."""
+    if greedy:
+        return None
+    if noise == NOISE_PCG64:
+        return np.random.default_rng(seed)
+    return HashNoise(secrets.randbits(64) if seed is None else seed)

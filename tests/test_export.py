@@ -49,7 +49,7 @@ def call(sess, ids, state=None, noise=None, steps=0, temperature=1.0, top_k=0, t
     state = state if state is not None else [np.zeros((b, 32), np.float32)] * 2
     feed = {"char_ids": np.asarray(ids, np.int32), "h_0": state[0], "c_0": state[1],
             **generation_feed(b, steps, VOCAB_SIZE, noise, temperature, top_k, top_p)}
-    out = sess.run(None, feed)
+    out = sess.run(["logits", "h_0_out", "c_0_out", "sampled_ids"], feed)
     return out[0], out[1:-1], out[-1]
 
 
@@ -97,12 +97,13 @@ def test_the_file_holds_the_contract(small_onnx):
     assert inputs["char_ids"] == (i32, [None, None]) and inputs["h_0"] == (f32, [None, 32])
     assert inputs["sample_noise"] == (f32, [None, None, VOCAB_SIZE])
     assert (inputs["temperature"], inputs["top_k"], inputs["top_p"]) == ((f32, [None]), (i64, [None]), (f32, [None]))
-    assert list(outputs) == ["logits", "h_0_out", "c_0_out", GEN_OUTPUT]
+    assert list(outputs) == ["logits", "h_0_out", "c_0_out", GEN_OUTPUT, "metadata_json"]
     assert outputs["logits"] == (f32, [None, None, VOCAB_SIZE]) and outputs[GEN_OUTPUT] == (i32, [None, None])
+    assert outputs["metadata_json"][0] == TensorProto.UINT8
 
     meta = {p.key: p.value for p in model.metadata_props}
     assert set(meta) == set(METADATA_KEYS)
-    assert meta["textgen.format_version"] == "1"
+    assert meta["textgen.format_version"] == "2"
     assert len(json.loads(meta["textgen.vocab"])) == VOCAB_SIZE and json.loads(meta["textgen.lowercase"]) is True
     assert json.loads(meta["textgen.model_config"])["lstm_units"] == [32]
     assert json.loads(meta["textgen.train_config"])["val_fraction"] == 0.1
@@ -112,6 +113,7 @@ def test_the_file_holds_the_contract(small_onnx):
     generation = json.loads(meta["textgen.generation"])
     assert generation["inputs"] == list(GEN_INPUTS) and generation["output"] == GEN_OUTPUT
     assert generation["precision"] == "int8" and generation["exact"] == ["chunks", "batch", "prompt"]
+    assert generation["noise"] == "textgen-hash32-gumbel-v1"
     assert generation["sampling_total_variation"] <= GEN_TV_TOLERANCE and generation["greedy_agreement"] >= 0.9
 
 
@@ -284,3 +286,49 @@ def test_export_checkpoint_refuses_an_unknown_precision(small_run, tmp_path):
 
     with pytest.raises(ExportError, match="precision must be one of int8, fp32, got 'int4'"):
         export_checkpoint(small_run, tmp_path / "m.onnx", precision="int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# One greedy answer, and a portable file
+
+
+def test_fp32_greedy_is_the_argmax_of_the_step_logits_and_export_requires_it(fp32_export):
+    """With fp32 loop weights the loop's greedy character is exactly the argmax of the K = 0 logits
+    (the export check asks for all 64 states; int8 only for 90%: there the loop is the reference)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(fp32_export[0])).metadata_props}
+    assert json.loads(meta["textgen.generation"])["greedy_agreement"] == 1.0
+    sess = session(fp32_export[0])
+    ids = np.random.default_rng(4).integers(0, VOCAB_SIZE, size=(64, 9))
+    logits, _, _ = call(sess, ids)
+    _, _, greedy = call(sess, ids, steps=1, temperature=0.0)
+    np.testing.assert_array_equal(greedy[:, 0], logits[:, -1].argmax(axis=1))
+
+
+def test_the_fp32_file_is_standard_onnx_and_runs_in_the_reference_evaluator(fp32_export):
+    """onnx.reference (the ONNX spec's own evaluator, no com.microsoft ops) runs the fp32 file's step
+    path (K = 0) and the sampling loop; both agree with onnxruntime."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from export.onnx import generation_feed
+
+    model = onnx.load(str(fp32_export[0]))
+    assert "com.microsoft" not in {o.domain for o in model.opset_import}
+    ref = ReferenceEvaluator(model)
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, VOCAB_SIZE, size=(2, 7)).astype(np.int32)
+    state = [rng.normal(0, 0.5, (2, 32)).astype(np.float32) for _ in range(2)]
+    for steps in (0, 3):
+        noise = rng.gumbel(size=(2, steps, VOCAB_SIZE)).astype(np.float32)
+        feed = {"char_ids": ids, "h_0": state[0], "c_0": state[1],
+                **generation_feed(2, steps, VOCAB_SIZE, noise, 0.8)}
+        names = ["logits", "h_0_out", "c_0_out", "sampled_ids"]
+        got = ref.run(names, feed)
+        want = session(fp32_export[0]).run(names, feed)
+        for name, g, w in zip(names, got, want):
+            if name == "sampled_ids":
+                np.testing.assert_array_equal(g, w)
+            else:
+                np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name)

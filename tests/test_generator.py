@@ -386,7 +386,8 @@ def test_onnx_without_textgen_metadata(tmp_path, small_onnx):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(format_version="2"), "format_version '2'; this generator reads version 1"),
+        (dict(format_version="3"), "format_version '3'; this generator reads versions 1 and 2"),
+        (dict(generation=json.dumps({"noise": "xorshift"})), "noise 'xorshift' is not format 2's"),
         (dict(vocab="not json"), "metadata textgen.vocab is not valid JSON"),
         (dict(vocab='["a", "a"]'), "textgen.vocab must be a list of two or more distinct"),
         (dict(lowercase='"yes"'), "textgen.lowercase must be true or false"),
@@ -572,3 +573,69 @@ def test_the_content_hash_can_be_recomputed_from_the_file_alone(small_onnx):
     assert data.count(C.CONTENT_HASH_PREFIX) == 1
     zeroed = data.replace(C.CONTENT_HASH_PREFIX + stored.encode(), C.CONTENT_HASH_PREFIX + b"0" * 64)
     assert hashlib.sha256(zeroed).hexdigest() == stored
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise: format 2's hash noise, format 1's PCG64
+
+
+def _texts_by_hand(model: OnnxModel, prompt: str, n: int, noise: np.ndarray) -> str:
+    """The text the graph makes for ``prompt`` with ``noise`` (n, V): one call, no generator."""
+    ids = np.array([[model.vocabulary.index[c] for c in prompt]], np.int32)
+    sampled, _ = model.chunk(ids, model.zero_state(1), noise[None].astype(np.float32), model.settings(1, 0.9))
+    return "".join(model.vocabulary.chars[i] for i in sampled[0])
+
+
+def test_format_2_texts_follow_from_the_documented_hash_alone(gen):
+    """The noise of docs/format.md computed one value at a time in plain Python
+    (``textgen.contract.hash_gumbel``) makes the generator's text."""
+    from textgen.contract import hash_gumbel
+
+    assert gen.model.info.format_version == 2 and gen.model.info.noise == "textgen-hash32-gumbel-v1"
+    v = gen.model.info.vocab_size
+    noise = np.array([[hash_gumbel(2**63 - 1 + 3, j, i) for i in range(v)] for j in range(60)])
+    expected = _texts_by_hand(gen.model, "alice was ", 60, noise)
+    assert gen.generate("alice was ", max_chars=60, temperature=0.9, seed=2**63 - 1 + 3) == expected
+    assert gen.generate_batch(["alice was "] * 4, max_chars=60, temperature=0.9, seed=2**63 - 1)[3] == expected
+
+
+def _as_format_1(proto) -> None:
+    """A format-2 proto made what textgen's version-1 exporter wrote: no metadata_json, no noise key."""
+    from textgen import contract as C
+
+    graph = proto.graph
+    for collection in (graph.output, graph.node, graph.initializer):
+        for item in [x for x in collection if C.METADATA_JSON in getattr(x, "output", [getattr(x, "name", "")])
+                     or getattr(x, "name", "") in (C.METADATA_JSON, "gen_metadata_json")]:
+            collection.remove(item)
+    for p in proto.metadata_props:
+        if p.key == C.META_FORMAT_VERSION:
+            p.value = "1"
+        if p.key == C.META_GENERATION:
+            p.value = json.dumps({k: v for k, v in json.loads(p.value).items() if k != "noise"})
+
+
+def test_a_format_1_file_still_loads_and_keeps_its_pcg64_texts(tmp_path, small_onnx, gen):
+    old = OnnxModel.load(sealed_copy(small_onnx, tmp_path / "v1.onnx", _as_format_1))
+    assert old.info.format_version == 1 and old.info.noise == "numpy-pcg64-gumbel"
+    assert [o.name for o in old.session.get_outputs()][-1] == "sampled_ids"
+    noise = np.random.default_rng(5).gumbel(size=(80, old.info.vocab_size))
+    text = Generator(old).generate("alice was ", max_chars=80, temperature=0.9, seed=5)
+    assert text == _texts_by_hand(old, "alice was ", 80, noise)
+    assert text != gen.generate("alice was ", max_chars=80, temperature=0.9, seed=5)
+
+
+def test_metadata_json_holds_the_metadata_for_bindings_without_metadata_props(small_onnx, gen):
+    """One cheap call (B = 1, T = 1, K = 0) fetches ``metadata_json``: every metadata value but the
+    content hash, parsed."""
+    model = gen.model
+    feed = {"char_ids": np.zeros((1, 1), np.int32), **dict(zip(model.info.state_inputs, model.zero_state(1))),
+            "sample_noise": np.zeros((1, 0, model.info.vocab_size), np.float32), **model.settings(1)}
+    (raw,) = model.session.run(["metadata_json"], feed)
+    assert raw.dtype == np.uint8
+    values = json.loads(raw.tobytes().decode("utf-8"))
+    meta = _metadata_of(small_onnx)
+    assert set(values) == set(meta) - {"textgen.content_sha256"}
+    assert values.pop("textgen.exported_at") == meta["textgen.exported_at"]  # a plain string, not JSON
+    assert all(values[k] == json.loads(meta[k]) for k in values)
+    assert tuple(values["textgen.vocab"]) == gen.vocab and values["textgen.format_version"] == 2

@@ -63,6 +63,7 @@ RANKS = [
     ("serve.onnx_model",),
     ("serve.decode",),
     ("serve.generator",),
+    ("serve.vectors",),
     ("serve.engine",),
     ("serve.http", "serve.server"),
     ("serve.ray_serve",),

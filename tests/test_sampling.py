@@ -306,3 +306,47 @@ def test_limits_cap_what_a_request_may_ask_for():
         assert info.value.fields == [field] and detail in info.value.detail(), kwargs
     assert SamplingParams(max_chars=0).max_chars == 0  # a Generator's: nothing to make is fine
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and SamplingParams(temperature=0).greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# Format 2's noise: the numpy source equals the documented hash, value for value
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**32 - 1, 2**32, 2**63 - 1, 2**63 + 9, 2**64 + 5])
+def test_hash_noise_equals_the_pure_python_reference(seed):
+    from serve.sampling import HashNoise
+    from textgen.contract import hash_gumbel
+
+    source = HashNoise(seed)
+    blocks = np.concatenate([source.gumbel(size=(k, 45)) for k in (3, 0, 1, 17)])  # taken in pieces
+    expected = np.array([[hash_gumbel(seed, j, v) for v in range(45)] for j in range(21)], np.float32)
+    np.testing.assert_array_equal(blocks, expected)
+    assert blocks.dtype == np.float32
+
+
+def test_the_hash_is_lowbias32_and_its_gumbel_table_is_pinned():
+    """lowbias32 on known values, and g(k) = -log(-log((k + 0.5) / 2**24)) rounded to float32 for
+    every 24-bit k: numpy's table (its sha256 is in docs/format.md, which the JS tests check too)
+    equals math.log's on a stride of it."""
+    import hashlib
+    import math
+
+    from serve.sampling import lowbias32 as np_lowbias32
+    from textgen.contract import GUMBEL_TABLE_SHA256, float32, lowbias32
+
+    assert [lowbias32(x) for x in (0, 1, 0xFFFFFFFF, 0x9E3779B9)] == [0, 0x688990C0, 0x6768824A, 0x1FCE552]  # as C's uint32_t
+    xs = np.array([0, 1, 0xFFFFFFFF, 12345, 0x9E3779B9], np.uint32)
+    assert np_lowbias32(xs).tolist() == [lowbias32(int(x)) for x in xs]
+    u = (np.arange(1 << 24, dtype=np.float64) + 0.5) / (1 << 24)
+    table = (-np.log(-np.log(u))).astype(np.float32)
+    assert hashlib.sha256(table.astype("<f4").tobytes()).hexdigest() == GUMBEL_TABLE_SHA256
+    ks = range(0, 1 << 24, 101)
+    assert table[::101].tolist() == [float32(-math.log(-math.log((k + 0.5) / (1 << 24)))) for k in ks]
+
+
+def test_row_sources_follow_the_file_noise():
+    from serve.sampling import HashNoise
+
+    assert isinstance(row_rng(3, False), HashNoise)
+    assert isinstance(row_rng(3, False, "numpy-pcg64-gumbel"), np.random.Generator)
+    assert isinstance(row_rng(None, False), HashNoise) and row_rng(None, True, "textgen-hash32-gumbel-v1") is None

@@ -26,13 +26,22 @@ value. A file without the entry (exported before it existed) has no hash to chec
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 
-# Bumped when a reader of the old version would compute something else from a new file.
-FORMAT_VERSION = 1
+# Bumped when a reader of the old version would compute something else from a new file (docs/format.md,
+# "Versions"). 2: the noise is NOISE_HASH32 (1: numpy PCG64 Gumbel noise, NOISE_PCG64).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # what this reader loads
+# The noise algorithm of a file: META_GENERATION's "noise" (a version-1 file has none: NOISE_PCG64).
+NOISE_HASH32 = "textgen-hash32-gumbel-v1"
+NOISE_PCG64 = "numpy-pcg64-gumbel"
+NOISE_OF_VERSION = {1: NOISE_PCG64, 2: NOISE_HASH32}
 
 # Tensor names (the exporter names every input and output itself).
 CHAR_IDS = "char_ids"  # (B, T) int32
 LOGITS = "logits"  # (B, T, V) float32
+METADATA_JSON = "metadata_json"  # (N,) uint8: UTF-8 JSON of the metadata (format 2; docs/format.md)
 NOISE = "sample_noise"  # (B, K, V) float32
 TEMPERATURE = "temperature"  # (B,) float32
 TOP_K = "top_k"  # (B,) int64
@@ -58,6 +67,44 @@ def start_char(chars: tuple[str, ...] | list[str]) -> str:
     """What an empty prompt is fed: a newline (the model's "start of a paragraph"), else a space,
     else the first character of the vocabulary. It is not part of the output."""
     return "\n" if "\n" in chars else " " if " " in chars else chars[0]
+
+
+# The noise NOISE_HASH32 (docs/format.md, "Noise"): standard Gumbel noise for the character at
+# position j (0, 1, ... of the row's generated characters) and vocabulary index v of a row whose seed
+# is r, from a 32-bit integer hash. This is the reference, one value at a time; serve.sampling
+# computes the same numbers with numpy.
+MASK32 = 0xFFFFFFFF
+HASH_SALT = 0x9E3779B9
+# sha256 of g(k) = -log(-log((k + 0.5) / 2**24)) as float32 little-endian for k = 0 .. 2**24 - 1: a
+# port whose table has this hash computes every noise value exactly.
+GUMBEL_TABLE_SHA256 = "2f9fb8c4fa7e2e940f0ab64aa02d5dc7a485f1833f16ba4a564efe07913c6929"
+
+
+def lowbias32(x: int) -> int:
+    """Chris Wellons' "lowbias32" 32-bit integer hash (murmur3 fmix32 constants retuned)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def hash_row_key(seed: int) -> int:
+    """The row's 32-bit key from its seed r (taken mod 2**64): lowbias32(lowbias32(lo ^ salt) ^ hi)."""
+    r = seed % (1 << 64)
+    return lowbias32(lowbias32((r & MASK32) ^ HASH_SALT) ^ (r >> 32))
+
+
+def hash_gumbel(seed: int, position: int, index: int) -> float:
+    """The float32 value (as a Python float) of the noise at (row seed, position, vocabulary index)."""
+    h = lowbias32(lowbias32(hash_row_key(seed) ^ (position & MASK32)) ^ index)
+    u = ((h >> 8) + 0.5) / (1 << 24)  # in (0, 1), exact in float64
+    return float32(-math.log(-math.log(u)))
+
+
+def float32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even), as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 # Metadata keys (``metadata_props``), each a JSON string.

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve.decode import Batch, Prompts, Row
@@ -102,6 +102,18 @@ class ServeSettings(BaseSettings):
                                   "its body once its head is in; later: 408")
     docs: bool = Field(False, description="serve /docs and /redoc (they load JavaScript from a CDN); "
                                           "/openapi.json is always served")
+    # Below Kubernetes' default terminationGracePeriodSeconds (30), with room for a preStop sleep.
+    drain_seconds: float = Field(20.0, ge=0, allow_inf_nan=False, description="on SIGTERM: seconds running "
+                                 "generations get to finish (readiness and new requests 503 meanwhile); 0 = none")
+    model_name: str | None = Field(None, min_length=1, description="the model id of /v1/models and /v1/completions; "
+                                   "unset: the model file's name without .onnx")
+    api_key: SecretStr | None = Field(None, description="API key(s), comma-separated: requests must send "
+                                      "Authorization: Bearer <key>; unset: no authentication (prefer the variable or the file to a flag, "
+                                      "which ps shows)")
+    api_key_file: str | None = Field(None, min_length=1, description="a file of API keys, one per line (e.g. a "
+                                     "mounted Kubernetes Secret); with --api-key, both are accepted")
+    open_paths: str = Field("/healthz,/readyz,/metrics", description="comma-separated paths served without an API "
+                            "key (probes, Prometheus)")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -114,6 +126,22 @@ class ServeSettings(BaseSettings):
                                    file_secret_settings):  # type: ignore[override]
         # Arguments, then os.environ; only the arguments while from_env reads another mapping.
         return (init_settings,) if _FROM_MAPPING.get() is not None else (init_settings, env_settings)
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted API key: of ``api_key`` (comma-separated) and ``api_key_file`` (one per
+        line; blank lines and ``#`` comments skipped). Empty: no authentication."""
+        keys = [k.strip() for k in (self.api_key.get_secret_value() if self.api_key else "").split(",")]
+        if self.api_key_file:
+            try:
+                text = open(self.api_key_file, encoding="utf-8").read()
+            except OSError as e:
+                raise SettingsError(f"cannot read the API key file {self.api_key_file} (--api-key-file, "
+                                    f"{self.env_name('api_key_file')}): {e.strerror}") from None
+            keys += [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+        return tuple(k for k in keys if k)
+
+    def open_path_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.open_paths.split(",") if p.strip())
 
     @property
     def n_cap(self) -> int:
@@ -157,7 +185,8 @@ def _settings_error(e: ValidationError, given: set[str]) -> SettingsError:
     for err in e.errors():
         name, value = str(err["loc"][0]) if err["loc"] else "", err.get("input")
         field, env = ServeSettings.model_fields.get(name), ServeSettings.env_name(name)
-        kind = {float: "a number", bool: "true or false"}.get(field.annotation if field else None, "an integer")
+        kind = {float: "a number", bool: "true or false", int: "an integer"}.get(
+            field.annotation if field else None, "a string")
         floor = next((f" >= {m.ge}" for m in field.metadata if hasattr(m, "ge")), "") if field else ""
         if field is None:
             problems.append(f"unknown setting {name!r} (known: {', '.join(ServeSettings.model_fields)})")
@@ -176,9 +205,10 @@ class EngineBusy(Exception):
     """An admission limit is reached (rows in flight, queued prompt characters): retry after
     ``retry_after_s`` seconds."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
+    def __init__(self, message: str, retry_after_s: int, reason: str = "rows") -> None:
         super().__init__(f"the server is busy: {message}; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
+        self.reason = reason  # "rows" (max_rows) or "prefill_chars" (max_queued_prefill_chars)
 
 
 class EngineClosed(Exception):
@@ -291,8 +321,11 @@ class Engine:
         self._requests_in_flight = 0
         self._queued_chars = 0  # prompt characters admitted and not consumed yet
         self._closed = False
+        self._draining = False  # no new requests; the admitted ones run on
+        self._close_reason = "the server is shutting down"
         self._error: str | None = None
-        self._counts = dict(requests=0, rejected=0, cancelled=0, completed=0, failed=0, steps=0, chars=0)
+        self._counts = dict(requests=0, rejected=0, cancelled=0, completed=0, failed=0, steps=0, chars=0,
+                            row_steps=0)
         # Engine thread only.
         self._prompts = Prompts(generator.model, PREFILL_CHUNK)
         self._batch = Batch(generator.model)
@@ -313,7 +346,12 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.alive and not self._closed
+        return self.alive and not self._closed and not self._draining
+
+    def stop_accepting(self) -> None:
+        """Draining: ``submit`` refuses new requests (``EngineClosed``), admitted ones run on."""
+        with self._lock:
+            self._draining = True
 
     def params(self, **values: Any) -> SamplingParams:
         """``SamplingParams`` checked against this server's caps (``ParamError`` names the field)."""
@@ -334,12 +372,12 @@ class Engine:
         ``close()`` or a failure."""
         ticket = Ticket(request, asyncio.get_running_loop())
         with self._lock:
-            if self._closed or self._error is not None:
+            if self._closed or self._draining or self._error is not None:
                 raise EngineClosed(self._error or "the server is shutting down")
             busy = self._busy(request)
             if busy:
                 self._counts["rejected"] += 1
-                raise EngineBusy(busy, self.settings.retry_after_s)
+                raise EngineBusy(busy[0], self.settings.retry_after_s, busy[1])
             self._rows_in_flight += request.n
             self._queued_chars += request.prefill_chars
             self._requests_in_flight += 1
@@ -348,14 +386,16 @@ class Engine:
             self._wake.notify()
         return ticket
 
-    def _busy(self, request: Request) -> str | None:
-        """Why ``request`` cannot be admitted now (under ``_lock``), or None."""
+    def _busy(self, request: Request) -> tuple[str, str] | None:
+        """Why ``request`` cannot be admitted now and the limit's name (under ``_lock``), or None."""
         s, queued = self.settings, self._queued_chars
         if self._rows_in_flight + request.n > s.max_rows:
-            return f"{self._rows_in_flight} of its {s.max_rows} rows are in flight and this request needs {request.n}"
+            return (f"{self._rows_in_flight} of its {s.max_rows} rows are in flight and this request needs "
+                    f"{request.n}", "rows")
         if queued and queued + request.prefill_chars > s.max_queued_prefill_chars:
             return (f"{queued:,} prompt characters are waiting to be consumed and this request adds "
-                    f"{request.prefill_chars:,} (the limit is max_queued_prefill_chars, {s.max_queued_prefill_chars:,})")
+                    f"{request.prefill_chars:,} (the limit is max_queued_prefill_chars, "
+                    f"{s.max_queued_prefill_chars:,})", "prefill_chars")
         return None
 
     def cancel(self, ticket: Ticket) -> None:
@@ -375,12 +415,15 @@ class Engine:
                 "requests_in_flight": requests, "max_rows": self.settings.max_rows, "prefill_chars_queued": queued,
                 "requests_total": c["requests"],
                 **{f"requests_{k}": c[k] for k in ("completed", "cancelled", "rejected", "failed")},
-                "steps": c["steps"], "chars_generated": c["chars"],
+                "steps": c["steps"], "row_steps": c["row_steps"], "chars_generated": c["chars"],
                 "uptime_s": round(time.monotonic() - self._started_at, 3), "error": self._error}
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still running end with an ``End`` carrying an error."""
+    def close(self, timeout: float = 10.0, reason: str | None = None) -> None:
+        """Stop the thread; requests still running end with an ``End`` carrying an error (``reason``,
+        default: the server is shutting down)."""
         with self._lock:
+            if reason and not self._closed:
+                self._close_reason = reason
             self._closed = True
             self._wake.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -396,7 +439,7 @@ class Engine:
                     self._recount()
                 if self._batch.size:
                     self._step()
-            self._fail_all("the server is shutting down")
+            self._fail_all(self._close_reason)
         except BaseException as e:  # a bug: say so to every client, refuse new requests
             log.exception("generation engine failed")
             with self._lock:
@@ -432,6 +475,7 @@ class Engine:
         done, made = b.step(b.steps(self.settings.chunk_size))
         with self._lock:
             self._counts["steps"] += 1
+            self._counts["row_steps"] += b.size
             self._counts["chars"] += made
         out: Outbox = {}
         self._flush(done, out)

@@ -9,6 +9,8 @@ Routes
                         not, e.g. while shutting down); the body holds the engine's counters
     GET  /v1/model      the model's metadata (vocabulary, settings, training metrics) and limits
     GET  /v1/stats      the engine's counters (rows in flight, steps, characters, ...)
+    POST /v1/completions, GET /v1/models   OpenAI-compatible (``serve/openai_api.py``)
+    GET  /metrics       Prometheus' text format (``serve/metrics.py``)
     GET  /openapi.json  the OpenAPI schema (``/docs`` and ``/redoc``, its browsers, only with the
                         ``docs`` setting: they load JavaScript from a CDN)
 
@@ -25,10 +27,13 @@ Responses to /v1/generate carry ``X-Textgen-Id`` and ``X-Textgen-Seed`` (the see
 Errors are JSON ``{"error": "<message naming the field>", "fields": [...]}``: 400 bad JSON, 408 a
 body not complete within ``body_timeout_s`` of the request's head, 413 body over ``max_body_bytes``
 (read and dropped first, up to ``DRAIN_FACTOR`` times that, so that the client reads the answer),
+401 a missing or wrong API key (only when the server has keys: ``serve/auth.py``),
 415 a body that is not JSON, 422 a field of the wrong type (the request
 model: JSON shape and types only) or out of range (``serve.params``, once) or unknown prompt
 characters, 429 (+ ``Retry-After``) the in-flight limit (``max_rows``) or the queued prompt
-characters' (``max_queued_prefill_chars``) is reached, 503 (+ ``Retry-After``) shutting down. A client that disconnects (mid-stream or
+characters' (``max_queued_prefill_chars``) is reached, 503 (+ ``Retry-After``) shutting down (from
+SIGTERM on, while running generations drain: ``serve.server.DrainingServer``). The OpenAI routes
+answer errors in OpenAI's shape instead (``serve.openai_api``). A client that disconnects (mid-stream or
 while waiting for a JSON response) cancels its generation: its rows leave the batch (the access
 log shows 499, nginx's "client closed request", for a JSON request abandoned that way).
 """
@@ -55,8 +60,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.auth import ApiKeys
 from serve.engine import Delta, End, Engine, EngineBusy, EngineClosed, Finish, Request, ServeSettings, Ticket
 from serve.generator import Generator
+from serve.metrics import Instrumented, Metrics
+from serve.openai_api import CompletionRequest, add_openai_routes, is_openai_path, openai_error
 from serve.params import (
     DEFAULT_MAX_CHARS,
     DEFAULT_TEMPERATURE,
@@ -71,10 +79,10 @@ from serve.params import (
     ParamError,
     shown,
 )
+from serve.streaming import SHUTDOWN_GRACE_S, Farewell, disconnected
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look
 
-SHUTDOWN_GRACE_S = 2.0  # a stream's time to send its error event when the server stops
 # An oversized body up to this many times max_body_bytes is read and dropped before the 413: a
 # client still sending when the connection closes would see a reset instead of the answer.
 DRAIN_FACTOR = 8
@@ -189,22 +197,32 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(status: int, message: str, fields: list[str] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """The error body of the route at ``path``: ``{"error", "fields"}``, or OpenAI's shape."""
+    if is_openai_path(path):
+        return openai_error(status, message, fields[0] if fields else None, headers)
     return JSONResponse({"error": message, "fields": fields or []}, status_code=status, headers=headers)
+
+
+def unauthorized(path: str, message: str) -> JSONResponse:
+    return error_response(401, message, headers={"WWW-Authenticate": "Bearer"}, path=path)
 
 
 def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
     """Pydantic's errors (the body's JSON shape and types) -> one message naming every field at
     fault. The values are checked once, by ``serve.params`` (a ``ParamError``: 422 too)."""
-    errors = exc.errors()
+    errors, path = exc.errors(), request.url.path
     if any(e.get("type") == "json_invalid" for e in errors):
         reason = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-        return error_response(400, f"the body is not valid JSON ({reason}); send one JSON object")
+        return error_response(400, f"the body is not valid JSON ({reason}); send one JSON object", path=path)
     if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         if isinstance(exc.body, (bytes, bytearray)):  # FastAPI parses JSON only for a JSON Content-Type
             content_type = request.headers.get("content-type") or "no Content-Type"
-            return error_response(415, f"the body must be JSON with Content-Type: application/json, got {content_type}")
-        return error_response(422, 'the body must be one JSON object, e.g. {"prompt": "alice was ", "max_chars": 200}')
+            return error_response(415, f"the body must be JSON with Content-Type: application/json, got {content_type}",
+                                  path=path)
+        return error_response(422, 'the body must be one JSON object, e.g. {"prompt": "alice was ", "max_chars": 200}',
+                              path=path)
+    known = request.app.state.fields_of.get(path, request.app.state.request_fields)
     messages, fields = [], []
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
@@ -212,7 +230,7 @@ def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JS
         if field == "stop":
             message = f"stop: {request.app.state.limits.stop_rule()}"
         elif e.get("type") == "extra_forbidden":
-            message = f"{field}: unknown field (known: {', '.join(request.app.state.request_fields)})"
+            message = f"{field}: unknown field (known: {', '.join(known)})"
         else:
             message = f"{'.'.join(loc) or 'body'}: {e.get('msg')}"
             if e.get("type") != "missing" and "input" in e:
@@ -221,7 +239,7 @@ def validation_response(request: HTTPRequest, exc: RequestValidationError) -> JS
             messages.append(message)
         if field not in fields:
             fields.append(field)
-    return error_response(422, "; ".join(messages), fields)
+    return error_response(422, "; ".join(messages), fields, path=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +299,13 @@ class BodyLimit:
         raw = dict(scope.get("headers", ())).get(b"content-length")
         if raw is not None:
             if not raw.isdigit():
-                await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
+                await error_response(400, "the Content-Length header is not a number", path=scope["path"])(
+                    scope, receive, send)
                 return
             if int(raw) > self.max_bytes:
                 drained = int(raw) <= DRAIN_FACTOR * self.max_bytes and await _drain(receive, int(raw))
-                await error_response(413, self.message, headers=None if drained else CLOSE)(scope, receive, send)
+                await error_response(413, self.message, headers=None if drained else CLOSE, path=scope["path"])(
+                    scope, receive, send)
                 return
         received = 0
 
@@ -326,9 +346,12 @@ async def _drain(receive: Receive, limit: int) -> bool:
 class _State:
     """What the routes share: filled at startup (the lifespan), emptied at shutdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: ServeSettings) -> None:
         self.engine: Engine | None = None
         self.model_info: dict[str, Any] = {}
+        self.model_id = settings.model_name or ""  # set at startup: the file's stem by default
+        self.model_created = 0
+        self.metrics = Metrics(lambda: self.engine)
 
     def live_engine(self) -> Engine:
         if self.engine is None:
@@ -347,7 +370,7 @@ def create_app(
     if (model_path is None) == (generator is None):
         raise ValueError("give model_path or generator (one of them)")
     settings = settings or ServeSettings()
-    state = _State()
+    state = _State(settings)
     docs = settings.docs  # the browsers load JavaScript from a CDN: only when asked
     app = FastAPI(
         title="textgen",
@@ -359,13 +382,19 @@ def create_app(
     )
     GenerateRequest = request_model(settings)
     app.state.request_fields = sorted(GenerateRequest.model_fields)
+    app.state.fields_of = {"/v1/completions": sorted(CompletionRequest.model_fields)}
     app.state.limits = settings.limits()
     app.state.textgen = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)  # outside BodyLimit: its drain is timed
-    _add_exception_handlers(app, settings)
+    keys = settings.api_keys()
+    if keys:  # before the body is read; the open paths (probes, metrics) without a key
+        app.add_middleware(ApiKeys, keys=keys, open_paths=settings.open_path_set(), refuse=unauthorized)
+    app.add_middleware(Instrumented, metrics=state.metrics)  # outermost: 401s and 413s counted too
+    _add_exception_handlers(app, state, settings)
     _add_probe_routes(app, state)
     _add_generate_route(app, state, GenerateRequest)
+    add_openai_routes(app, state, settings)
     return app
 
 
@@ -385,6 +414,8 @@ def _lifespan(state: _State, settings: ServeSettings, model_path: str | Path | N
                                           max_chars_cap=settings.max_chars_cap,
                                           max_prompt_chars=settings.max_prompt_chars)
         state.model_info = model_metadata(gen, settings)
+        state.model_id = state.model_id or Path(gen.model.path).stem
+        state.model_created = _created(gen)
         state.engine = Engine(gen, settings).start()
         log.info("textgen: serving %s (vocabulary %d, sha256 %s...); %s", gen.model.path, len(gen.vocab),
                  (state.model_info["sha256"] or "?")[:12], settings)
@@ -397,8 +428,9 @@ def _lifespan(state: _State, settings: ServeSettings, model_path: str | Path | N
     return lifespan
 
 
-def _add_exception_handlers(app: FastAPI, settings: ServeSettings) -> None:
-    """Every refusal as ``{"error", "fields"}`` JSON with its status (see the module docstring)."""
+def _add_exception_handlers(app: FastAPI, state: _State, settings: ServeSettings) -> None:
+    """Every refusal as ``{"error", "fields"}`` JSON with its status (see the module docstring), or
+    in OpenAI's shape on its routes; load and shutdown refusals counted in the metrics."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -406,19 +438,21 @@ def _add_exception_handlers(app: FastAPI, settings: ServeSettings) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers, path=request.url.path)
 
     @app.exception_handler(ParamError)
     async def _param(request: HTTPRequest, exc: ParamError) -> JSONResponse:
-        return error_response(422, exc.detail(), exc.fields)
+        return error_response(422, exc.detail(), exc.fields, path=request.url.path)
 
     @app.exception_handler(EngineBusy)
     async def _busy(request: HTTPRequest, exc: EngineBusy) -> JSONResponse:
-        return error_response(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        state.metrics.rejected(429, exc.reason)
+        return error_response(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}, path=request.url.path)
 
     @app.exception_handler(EngineClosed)
     async def _closed(request: HTTPRequest, exc: EngineClosed) -> JSONResponse:
-        return error_response(503, f"not accepting requests: {exc}",
+        state.metrics.rejected(503, "shutting_down" if state.engine is not None else "not_loaded")
+        return error_response(503, f"not accepting requests: {exc}", path=request.url.path,
                               headers={"Retry-After": str(settings.retry_after_s)})
 
 
@@ -450,6 +484,11 @@ def _add_probe_routes(app: FastAPI, state: _State) -> None:
         state.live_engine()
         return state.model_info
 
+    @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
+    async def metrics() -> Response:
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
+
 
 STREAM_RESPONSE = {"content": {"text/event-stream": {"schema": {
     "type": "string",
@@ -470,8 +509,8 @@ def _add_generate_route(app: FastAPI, state: _State, GenerateRequest: type[BaseM
         if job.seed is not None:
             headers["X-Textgen-Seed"] = str(job.seed)
         if job.stream:
-            return EventSourceResponse(_events(e, ticket), headers=headers, shutdown_event=_Farewell(ticket),
-                                       shutdown_grace_period=SHUTDOWN_GRACE_S)
+            return EventSourceResponse(_events(e, ticket, state.metrics), headers=headers,
+                                       shutdown_event=Farewell([ticket]), shutdown_grace_period=SHUTDOWN_GRACE_S)
         result = await _collect(e, ticket, request)
         if result is None:  # nobody is listening; 499 is nginx's "client closed request" (for the log)
             return Response(status_code=499)
@@ -485,6 +524,14 @@ def app_from_env() -> FastAPI:
     if not path:
         raise RuntimeError("set TEXTGEN_MODEL to the .onnx file to serve")
     return create_app(path, ServeSettings.from_env())
+
+
+def _created(gen: Generator) -> int:
+    """The model's creation time for OpenAI's model card: the file's modification time."""
+    try:
+        return int(Path(gen.model.path).stat().st_mtime)
+    except OSError:
+        return 0
 
 
 def model_metadata(gen: Generator, settings: ServeSettings) -> dict[str, Any]:
@@ -538,7 +585,7 @@ def _summary(ticket: Ticket, finishes: list[Finish | None], texts: bool) -> dict
 async def _collect(engine: Engine, ticket: Ticket, request: HTTPRequest) -> dict[str, Any] | None:
     """Wait for every sample. A client that disconnects meanwhile cancels the generation (None)."""
     finishes: list[Finish | None] = [None] * ticket.request.n
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         while True:
             step = asyncio.ensure_future(ticket.next())
@@ -559,37 +606,18 @@ async def _collect(engine: Engine, ticket: Ticket, request: HTTPRequest) -> dict
             engine.cancel(ticket)
 
 
-async def _disconnected(request: HTTPRequest) -> None:
-    """Returns when the client disconnects (the body has been read: ``receive`` waits for that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Farewell:
-    """sse-starlette's ``shutdown_event`` for one stream: it calls ``set()`` when the server starts
-    shutting down; the stream then ends with an ``error`` event and a complete response instead
-    of a connection cut mid-chunk."""
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket, self._set = ticket, False
-
-    def set(self) -> None:
-        if not self._set:
-            self._set = True
-            self.ticket.interrupt("the server is shutting down; retry the request")
-
-    def is_set(self) -> bool:
-        return self._set
-
-
-async def _events(engine: Engine, ticket: Ticket) -> AsyncIterator[ServerSentEvent]:
+async def _events(engine: Engine, ticket: Ticket, metrics: Metrics) -> AsyncIterator[ServerSentEvent]:
     """The SSE stream of one request. When the client goes away sse-starlette cancels this
     generator; ``finally`` then takes the request's rows out of the batch."""
     finishes: list[Finish | None] = [None] * ticket.request.n
+    first = True
     try:
         while True:
             event = await ticket.next()
             if isinstance(event, Delta):
+                if first:
+                    first = False
+                    metrics.first_chars("/v1/generate", ticket.started)
                 yield ServerSentEvent(json.dumps({"index": event.index, "text": event.text}), event="delta")
             elif isinstance(event, Finish):
                 finishes[event.index] = event

@@ -51,6 +51,8 @@ def test_public_import_is_the_generator_without_tensorflow():
 # (textgen.cli and the front ends it delegates to) sit on top of everything.
 RANKS = [
     ("textgen.errors", "textgen.contract", "textgen.files", "textgen.text"),
+    ("textgen.prepare",),
+    ("textgen.dataset",),
     ("textgen.config",),
     ("textgen.windows",),
     ("textgen.model",),
@@ -65,6 +67,8 @@ RANKS = [
     ("serve.generator",),
     ("serve.vectors",),
     ("serve.engine",),
+    ("serve.auth", "serve.metrics", "serve.streaming"),
+    ("serve.openai_api",),
     ("serve.http", "serve.server"),
     ("serve.ray_serve",),
     ("export.cli", "serve.cli"),

@@ -98,8 +98,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             if f.annotation is bool:  # --docs / --no-docs; not given: None (the environment, else the default)
                 p.add_argument(ServeSettings.flag(name), action=argparse.BooleanOptionalAction, help=help_text)
                 continue
-            p.add_argument(ServeSettings.flag(name), type=f.annotation, metavar="X" if f.annotation is float else "N",
-                           help=help_text)
+            kind = f.annotation if f.annotation in (int, float) else str  # str: names, paths, keys
+            metavar = {int: "N", float: "X"}.get(kind, "TEXT")
+            p.add_argument(ServeSettings.flag(name), type=kind, metavar=metavar, help=help_text)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="uvicorn's log level; info includes one access line per request (default: %(default)s)")
 
@@ -212,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         from serve.engine import ServeSettings
         from serve.http import create_app
-        from serve.server import uvicorn_options
+        from serve.server import DrainingServer, uvicorn_options
     except ImportError as e:
         raise GeneratorError(f"{SERVE_EXTRA} ({e})") from None
     from serve.generator import Generator
@@ -221,20 +222,40 @@ def _serve(args: argparse.Namespace) -> int:
     workers = _workers(args.workers)
     if not 0 <= args.port <= 65535:
         raise GeneratorError(f"--port must be 0 to 65535, got {args.port}")
+    _warn_if_open(args.host, settings.api_keys())
     # Load here in every case: a bad model file fails now, with a clear message, before binding.
     gen = Generator.load(args.model, num_threads=settings.threads, max_chars_cap=settings.max_chars_cap,
                          max_prompt_chars=settings.max_prompt_chars)
     options = dict(host=args.host, port=args.port, log_level=args.log_level,
                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(settings))
-    if workers == 1:
-        uvicorn.run(create_app(generator=gen, settings=settings), **options)
+    if workers == 1:  # drains on SIGTERM (serve.server), then exits 0
+        server = DrainingServer(uvicorn.Config(create_app(generator=gen, settings=settings), **options),
+                                settings.drain_seconds)
+        server.run()
+        if not server.started:
+            raise GeneratorError(f"the server did not start on {args.host}:{args.port} (see the log above)")
     else:  # each worker process builds its app from the environment
         os.environ[MODEL_ENV] = os.path.abspath(args.model)
         for name, value in settings.model_dump().items():
-            os.environ[ServeSettings.env_name(name)] = str(value)
+            if value is not None:
+                secret = getattr(value, "get_secret_value", None)
+                os.environ[ServeSettings.env_name(name)] = secret() if secret else str(value)
         del gen
         uvicorn.run("serve.http:app_from_env", factory=True, workers=workers, **options)
     return 0
+
+
+def _warn_if_open(host: str, keys: tuple[str, ...]) -> None:
+    """A warning on stderr when the server listens beyond this machine without API keys."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        loopback = False
+    if not loopback and not keys:
+        print(f"warning: listening on {host} without API keys: anyone who reaches the port can generate; set "
+              "--api-key or --api-key-file (TEXTGEN_API_KEY, TEXTGEN_API_KEY_FILE)", file=sys.stderr, flush=True)
 
 
 def _workers(flag: int | None) -> int:

@@ -13,8 +13,17 @@
   connections past it (until their head's deadline), so ``TimedH11Protocol`` closes a connection
   that opens past it at once, with a 503.
 
+Graceful drain (``DrainingServer``, ``drain_seconds``): on the first SIGTERM (or Ctrl-C) the
+server stops taking requests but keeps its listener (readiness and new generations get 503 +
+Retry-After, so a load balancer that has not noticed yet gets a fast answer), lets the admitted
+generations finish for up to ``drain_seconds``, ends those still running at the deadline (streams
+with a last event saying so, JSON requests with a 503), then lets uvicorn shut down as usual (its
+``timeout_graceful_shutdown`` for the connections, then the lifespan) and exits with status 0. A
+second signal shuts down at once (uvicorn's handling). ``--workers`` > 1 runs uvicorn's own
+servers: there a SIGTERM ends streams at once with an error event.
+
 Behind Ray Serve (``serve/ray_serve.py``) the connections are its proxy's: these options do not
-apply there.
+apply there (Ray Serve drains replicas itself: ``graceful_shutdown_timeout_s``).
 """
 
 from __future__ import annotations
@@ -22,12 +31,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+from types import FrameType
 from typing import Any
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serve.engine import ServeSettings
+from serve.engine import Engine, ServeSettings
+
+log = logging.getLogger("uvicorn.error")
 
 
 def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
@@ -97,3 +111,61 @@ class TimedH11Protocol(H11Protocol):
             self.transport.write(raw_response(408, "Request Timeout", "the request head did not arrive within "
                                               f"{self.header_timeout_s:g} s (header_timeout_s); send it faster"))
             self.transport.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Graceful drain
+
+
+def engine_of(app: Any) -> Engine | None:
+    """The engine of the textgen app inside uvicorn's wrappers (``.app`` links), if running."""
+    for _ in range(16):
+        state = getattr(getattr(app, "state", None), "textgen", None)
+        if state is not None:
+            return state.engine
+        app = getattr(app, "app", None)
+    return None
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the drain of the module docstring before its own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, drain_s: float) -> None:
+        super().__init__(config)
+        self.drain_s = drain_s
+        self._drain_asked = False
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_asked or self.drain_s <= 0:
+            super().handle_exit(sig, frame)  # a second signal, or no drain: uvicorn's way
+            return
+        self._drain_asked = True  # started by on_tick, on the event loop
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_asked and self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+        return await super().on_tick(counter)
+
+    async def drain(self) -> None:
+        engine = engine_of(self.config.loaded_app)
+        if engine is not None:
+            engine.stop_accepting()
+            log.info("draining: no new requests; %d rows in flight get up to %g s", engine.stats()["rows_in_flight"],
+                     self.drain_s)
+            await wait_drained(engine, self.drain_s)
+        self.should_exit = True
+
+
+async def wait_drained(engine: Engine, drain_s: float, poll_s: float = 0.05) -> None:
+    """Until no row is in flight, or ``drain_s`` passed: then the engine ends what still runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_s
+    while engine.stats()["rows_in_flight"] and loop.time() < deadline:
+        await asyncio.sleep(poll_s)
+    left = engine.stats()["rows_in_flight"]
+    if left:
+        log.warning("drain deadline (%g s) passed: ending %d rows", drain_s, left)
+        engine.close(0, reason=f"the server is shutting down and its drain deadline ({drain_s:g} s) passed "
+                               "before this request finished; retry the request")
+    await asyncio.sleep(poll_s)  # the last events reach their streams before uvicorn closes connections

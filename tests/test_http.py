@@ -403,7 +403,7 @@ def test_health_answers_quickly_while_a_long_generation_runs(tiny, client):
 
 
 def test_shutdown_ends_streams_cleanly_and_exits(small_onnx, client):
-    s = start_server(small_onnx, "--max-chars-cap", "1000000")
+    s = start_server(small_onnx, "--max-chars-cap", "1000000", "--drain-seconds", "0")  # no drain: tests/test_openai.py
     try:
         context, events = open_stream(client, s, prompt="alice", max_chars=1_000_000, seed=4)
         t0 = time.monotonic()

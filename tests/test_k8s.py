@@ -623,6 +623,34 @@ def test_generator_probes_and_service_reach_the_app() -> None:
     assert resolve_port(container, port["targetPort"]) == GENERATOR_PORT
 
 
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_generator_drains_within_its_grace_period_and_is_scraped() -> None:
+    engine = pytest.importorskip("serve.engine")
+    _, pod, container = generator()
+    env = env_of(container)
+    settings = engine.ServeSettings.from_env({k: e["value"] for k, e in env.items() if "value" in e})
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 2, "preStop: time for the endpoints to drop the pod"
+    assert settings.drain_seconds > 0
+    assert pod["terminationGracePeriodSeconds"] > settings.drain_seconds + int(sleep[1]), (
+        "the kubelet kills the container at the grace period: preStop + drain must fit under it")
+    annotations = one("Deployment", "textgen-generator")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == GENERATOR_PORT
+    assert "/metrics" in settings.open_path_set(), "Prometheus scrapes without an API key"
+
+
+def test_generator_api_keys_come_from_an_optional_secret() -> None:
+    _, _, container = generator()
+    keys = env_of(container)["TEXTGEN_API_KEY"]
+    assert "value" not in keys, "a key is a secret: never a literal in the manifest"
+    ref = keys["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and ref["optional"] is True, "without the Secret the pod still starts"
+
+
 def test_selectors_match_the_generator_pods() -> None:
     deployment, _, _ = generator()
     labels = deployment["spec"]["template"]["metadata"]["labels"]

@@ -22,6 +22,12 @@ serve.ray_serve:app_builder``, ``args: {model_path: /models/model.onnx}``). Its 
 
 A replica whose engine thread died fails Ray Serve's health check and is replaced.
 
+Every route of ``textgen serve`` is there: /v1/generate, the OpenAI-compatible /v1/completions and
+/v1/models, /metrics. Behind the proxy /metrics answers for the replica that takes the request
+(its own registry): with several replicas, scrape Ray Serve's metrics (serve_num_ongoing_requests,
+...) or each replica. ``api_key`` (and ``api_key_file``, a path on the replicas' nodes) work as
+for ``textgen serve``; SIGTERM's drain is Ray Serve's (``graceful_shutdown_timeout_s``).
+
 The app's own bounds hold in every replica (body size and deadline, queued prompt characters,
 rows in flight, docs pages off); the connection-level ones of ``textgen serve`` (head size and
 deadline, open connections: ``serve.server``, uvicorn options) are the Ray Serve proxy's business

@@ -1,5 +1,6 @@
 """The Ray Serve application (serve/ray_serve.py) on a real local Ray: the same routes as
-``textgen serve``, reached over HTTP through Ray Serve's proxy on a free port."""
+``textgen serve`` (/v1/generate, the OpenAI routes, /metrics), reached over HTTP through Ray
+Serve's proxy on a free port."""
 
 from __future__ import annotations
 
@@ -82,6 +83,25 @@ def test_ray_serve_app_serves_the_same_routes(ray_serve_url, small_onnx):
 
         bad = client.post("/v1/generate", json={"max_chars": 3001})
         assert bad.status_code == 422 and bad.json()["fields"] == ["max_chars"]
+
+
+def test_ray_serve_app_serves_the_openai_routes_and_metrics(ray_serve_url, small_onnx):
+    import openai
+
+    gen = Generator.load(small_onnx)
+    client = openai.OpenAI(base_url=f"{ray_serve_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == [small_onnx.stem]
+    out = client.completions.create(model=small_onnx.stem, prompt=["alice", "the "], n=2, max_tokens=100, seed=4)
+    assert [c.text for c in out.choices] == [gen.generate(p, max_chars=100, temperature=1.0, seed=4 + k)
+                                             for k, p in enumerate(["alice", "alice", "the ", "the "])]
+    chunks = client.completions.create(model=small_onnx.stem, prompt="alice", max_tokens=200, seed=6, stream=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == gen.generate("alice", max_chars=200, temperature=1.0, seed=6)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model=small_onnx.stem, prompt="a", logprobs=1)
+    metrics = httpx.get(f"{ray_serve_url}/metrics", timeout=30)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert 'textgen_http_requests_total{route="/v1/completions",status="200"}' in metrics.text
+    assert "textgen_chars_generated_total" in metrics.text
 
 
 def test_app_builder_checks_its_arguments(small_onnx):

@@ -75,6 +75,8 @@ def make_random_model(out: Path) -> None:
     exporter (checkpoint -> ONNX, parity-checked)."""
     import tempfile
 
+    import numpy as np
+
     from export.onnx import export_checkpoint
     from textgen import checkpoint as ckptlib
     from textgen.config import preset
@@ -84,6 +86,10 @@ def make_random_model(out: Path) -> None:
     cfg = preset("default")
     vocab = Vocab.from_text(load_corpus(None, lowercase=cfg.train.lowercase).text)
     model = build_model(cfg.model, vocab.size)
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # zero biases: tf2onnx would fold the Dense bias away
+        if not np.any(w.numpy()):
+            w.assign(rng.normal(0, 0.1, w.shape).astype(np.float32))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = ckptlib.save_checkpoint(
             Path(tmp) / "random", model, None, cfg.model, cfg.train, vocab,

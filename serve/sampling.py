@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from textgen.contract import GREEDY_TEMPERATURE, HASH_SALT, NOISE_HASH32, NOISE_PCG64
+from textgen.contract import GREEDY_TEMPERATURE, HASH_SALT, LN2, LOG_SERIES, NOISE_HASH32, NOISE_PCG64, SQRT_HALF
 
 
 def sample_rows(logits, noise, temperature, top_k, top_p) -> np.ndarray:
@@ -81,8 +81,42 @@ class HashNoise:
         j = np.arange(self.position, self.position + steps, dtype=np.uint64).astype(np.uint32)
         self.position += steps
         h = lowbias32(lowbias32(self.key ^ j)[:, None] ^ np.arange(vocab_size, dtype=np.uint32))
-        u = ((h >> np.uint32(8)).astype(np.float64) + 0.5) * (1.0 / (1 << 24))
-        return (-np.log(-np.log(u))).astype(np.float32)
+        return gumbel_of_bits(h >> np.uint32(8))
+
+
+def gumbel_of_bits(k: np.ndarray) -> np.ndarray:
+    """``textgen.contract.gumbel_of_bits`` on an array of 24-bit integers -> float32."""
+    u = k.astype(np.float64)
+    u += 0.5
+    u /= float(1 << 24)
+    t = portable_log(u)
+    np.negative(t, out=t)
+    g = portable_log(t)
+    return np.negative(g, out=g).astype(np.float32)
+
+
+def portable_log(x: np.ndarray) -> np.ndarray:
+    """``textgen.contract.portable_log`` elementwise: the same operations in the same order (numpy's
+    float64 ufuncs round each one as IEEE-754 does; nothing is fused). In place where it can be."""
+    m, e = np.frexp(x)
+    low = m < SQRT_HALF
+    m *= 1.0 + low  # times 2 where low: exact
+    e = (e - low).astype(np.float64)
+    s = m - 1.0
+    m += 1.0
+    s /= m
+    z = s * s
+    p = np.full_like(z, LOG_SERIES[0])
+    for c in LOG_SERIES[1:]:
+        p *= z
+        p += c
+    s *= 2.0  # r
+    p *= z
+    p *= s
+    p += s
+    e *= LN2
+    e += p
+    return e
 
 
 class RowNoise:

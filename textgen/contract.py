@@ -75,9 +75,9 @@ def start_char(chars: tuple[str, ...] | list[str]) -> str:
 # computes the same numbers with numpy.
 MASK32 = 0xFFFFFFFF
 HASH_SALT = 0x9E3779B9
-# sha256 of g(k) = -log(-log((k + 0.5) / 2**24)) as float32 little-endian for k = 0 .. 2**24 - 1: a
-# port whose table has this hash computes every noise value exactly.
-GUMBEL_TABLE_SHA256 = "2f9fb8c4fa7e2e940f0ab64aa02d5dc7a485f1833f16ba4a564efe07913c6929"
+# sha256 of gumbel_of_bits(k) as float32 little-endian for k = 0 .. 2**24 - 1: a port whose table has
+# this hash computes every noise value exactly.
+GUMBEL_TABLE_SHA256 = "aa6336afa257c1c7dd928c565166357d22d6aa9702c9cdb9372ec60bec12cd92"
 
 
 def lowbias32(x: int) -> int:
@@ -98,8 +98,37 @@ def hash_row_key(seed: int) -> int:
 def hash_gumbel(seed: int, position: int, index: int) -> float:
     """The float32 value (as a Python float) of the noise at (row seed, position, vocabulary index)."""
     h = lowbias32(lowbias32(hash_row_key(seed) ^ (position & MASK32)) ^ index)
-    u = ((h >> 8) + 0.5) / (1 << 24)  # in (0, 1), exact in float64
-    return float32(-math.log(-math.log(u)))
+    return gumbel_of_bits(h >> 8)
+
+
+def gumbel_of_bits(k: int) -> float:
+    """g(k) = -log(-log(u)), u = (k + 0.5) / 2**24 for a 24-bit k, in float64 with ``portable_log``,
+    rounded to float32."""
+    u = (k + 0.5) / (1 << 24)  # in (0, 1), exact
+    return float32(-portable_log(-portable_log(u)))
+
+
+# ``portable_log``: only IEEE-754 double +, -, *, / (correctly rounded in every language), in this
+# order, so every port computes the same bits; libm's log differs in the last bit between libraries.
+SQRT_HALF = 0.7071067811865476
+LN2 = 0.6931471805599453
+LOG_SERIES = tuple(1.0 / (2 * i + 1) for i in range(7, 0, -1))  # 1/15, 1/13, ..., 1/3
+
+
+def portable_log(x: float) -> float:
+    """ln(x) for a normal x > 0: x = m * 2**e (frexp; m in [sqrt(1/2), sqrt(2))), s = (m - 1) / (m + 1),
+    ln(m) ~ 2s (1 + s**2/3 + s**4/5 + ... + s**14/15) by Horner (|s| <= 0.172: relative error below
+    2e-12, far inside a float32 rounding)."""
+    m, e = math.frexp(x)
+    if m < SQRT_HALF:
+        m, e = m * 2.0, e - 1
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    p = LOG_SERIES[0]
+    for c in LOG_SERIES[1:]:
+        p = p * z + c
+    r = s * 2.0
+    return e * LN2 + (r + r * (z * p))
 
 
 def float32(x: float) -> float:

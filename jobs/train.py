@@ -110,6 +110,9 @@ def loop_config(args: argparse.Namespace) -> dict[str, Any]:
         "model": cfglib.to_dict(model_cfg),
         "train": cfglib.to_dict(train_cfg),
         "corpus": [str(Path(p).resolve()) for p in args.corpus] if args.corpus else None,
+        "data": None if args.data is None else args.data if "://" in args.data else str(Path(args.data).resolve()),
+        "max_vocab": args.max_vocab,
+        "min_count": args.min_count,
         "threads": max(1, int(args.cpus_per_worker)),
         "run_name": args.name,
     }
@@ -121,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int]
     import ray.train
     import tensorflow as tf
 
-    from textgen.train import fit
+    from textgen.train import fit, settle_train_config
 
     # Kernels use the worker's CPU share, not the whole machine; the inter-op pool keeps its default
     # (the LSTM's loops and the collectives need it).
@@ -131,7 +134,8 @@ def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int]
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     model_cfg = cfglib.model_config_from_dict(config["model"])
     train_cfg = cfglib.train_config_from_dict(config["train"])
-    data = _worker_data(config["corpus"], rank, model_cfg, train_cfg)
+    data = _worker_data(config, rank, model_cfg, train_cfg)
+    train_cfg = settle_train_config(train_cfg, data, None, None)
     with tempfile.TemporaryDirectory(prefix="textgen-resume-") as local_copy:
         fit(
             model_cfg, train_cfg, data, RaySink(rank), strategy=strategy,
@@ -140,18 +144,20 @@ def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int]
         )
 
 
-def _worker_data(corpus: list[str] | None, rank: int, model_cfg, train_cfg):
-    """The corpus as this worker reads it; a worker that cannot says which one it is and where."""
+def _worker_data(config: dict[str, Any], rank: int, model_cfg, train_cfg):
+    """The dataset as this worker reads it (``--data``, or ``--corpus`` prepared into its cache); a
+    worker that cannot says which one it is and where."""
     import ray
 
     from textgen.train import prepare_data
 
     try:
-        return prepare_data(corpus, model_cfg, train_cfg)
+        return prepare_data(config["corpus"], model_cfg, train_cfg, data=config.get("data"),
+                            max_vocab=config.get("max_vocab"), min_count=config.get("min_count", 1))
     except TextgenError as e:  # e.g. the corpus is on the driver's machine but not on this node
         raise TextgenError(
             f"worker rank {rank} on node {ray.util.get_node_ip_address()}: {e} (every worker reads the "
-            "corpus itself: put it on storage all nodes mount at the same path, or in the image)"
+            "data itself: put it on storage all nodes mount at the same path, an s3:// or gs:// URI, or the image)"
         ) from None
 
 
@@ -262,10 +268,15 @@ def main(argv: Sequence[str] | None = None, loop: Callable[[dict[str, Any]], Non
 
 def submit(args: argparse.Namespace, loop: Callable[[dict[str, Any]], None]) -> int:
     check_args(args)
-    if args.corpus:  # fail on the driver, not after workers started; workers re-check theirs
-        from textgen.text import corpus_files
+    # Fail on the driver, not after workers started: the data is prepared (or opened) here once;
+    # workers on this machine reuse the cache, workers elsewhere prepare or fetch their own copy.
+    from textgen.dataset import check_location
+    from textgen.prepare import PrepareOptions
 
-        corpus_files(args.corpus)
+    _, train_cfg = cfglib.configs_from_args(args)
+    opts = PrepareOptions(lowercase=train_cfg.lowercase, val_fraction=train_cfg.val_fraction,
+                          max_vocab=args.max_vocab, min_count=args.min_count)
+    check_location(args.data, args.corpus, opts, progress=args.progress)
     try:
         result = run(args, loop)
     except Exception as e:  # a failed run: say what Ray said, in one line

@@ -336,6 +336,10 @@ def test_a_kill_at_any_checkpoint_rename_leaves_loadable_checkpoints_and_resume_
 
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(bundled_corpus_path().read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    from textgen.dataset import cached_prepare
+    from textgen.prepare import PrepareOptions
+
+    cached_prepare([corpus], PrepareOptions())  # prepared before: the runs' renames are their saves only
     # Renames of a 2-epoch run: rename last, rename best (epoch 1: first saves), exchange last,
     # exchange best (epoch 2), rename loss.png.
     kills = {("renameat2", 1): (1, 1), ("renameat2", 2): (2, 1), ("rename", 3): (2, 2)}

@@ -98,3 +98,23 @@ def test_out_naming_a_file_is_refused_before_training(tmp_path):
                                "--epochs", "1"])
     assert code == 2 and "--out" in stderr and "is a file" in stderr, stderr
     assert "epoch 1/1" not in stderr and "Traceback" not in stderr  # refused before any training
+
+
+def test_train_reads_a_prepared_directory_and_refuses_another_vocabulary_on_resume(tmp_path):
+    code, stdout, stderr = run_cli(["prepare", "--out", str(tmp_path / "ds"), "--no-progress"])
+    assert code == 0, stderr
+    out = tmp_path / "run"
+    args = ["train", "--preset", "small", "--out", str(out), "--no-progress", "--epochs", "1"]
+    code, stdout, stderr = run_cli(args + ["--data", str(tmp_path / "ds")])
+    assert code == 0, stderr
+    assert f"data {tmp_path / 'ds'}: 144,431 chars, vocabulary 45" in stderr
+    code, _, stderr = run_cli(args + ["--data", str(tmp_path / "ds"), "--corpus", "x.txt", "--out", str(tmp_path / "r3")])
+    assert code == 2 and "not both" in stderr
+    (tmp_path / "other.txt").write_text("a different corpus, with other letters: xyz! " * 400, encoding="utf-8")
+    code, _, stderr = run_cli(["prepare", str(tmp_path / "other.txt"), "--out", str(tmp_path / "ds2"), "--no-progress"])
+    assert code == 0, stderr
+    code, _, stderr = run_cli(args[:-1] + ["2", "--resume", "--data", str(tmp_path / "ds2")])
+    assert code == 2 and "vocabulary" in stderr and "differs from the checkpoint" in stderr, stderr
+    code, _, stderr = run_cli(args + ["--data", str(tmp_path / "ds"), "--val-fraction", "0.2", "--out",
+                                      str(tmp_path / "run2")])
+    assert code == 2 and "--val-fraction contradicts the prepared dataset" in stderr, stderr

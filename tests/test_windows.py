@@ -102,3 +102,42 @@ def test_seed_kind_reproduces_the_notebook_windows():
     first = np.rint(x[:, 0, 0] * 45).astype(int)
     assert np.array_equal((first + 100) % 45, y)
     assert x.max() < 1.0
+
+
+def test_windows_from_several_parts_never_span_two():
+    # Three shards of different lengths: position i of shard k holds 10000 * k + i.
+    parts = [np.arange(10_000 * k, 10_000 * k + n, dtype=np.int32) for k, n in enumerate((333, 95, 575))]
+    for x, y in _batches(train_dataset(parts, CFG, 40_000, 8, epoch=3, seed=1)):
+        w = np.concatenate([x, y[:, -1:]], axis=1)
+        assert np.all(np.diff(w, axis=1) == 1)  # contiguous: inside one shard
+        assert np.all(w[:, 0] // 10_000 == w[:, -1] // 10_000)
+    expected = sum((n - 10) // 10 for n in (333, 95, 575)) // 8
+    assert steps_per_epoch([333, 95, 575], CFG, 8) == expected == len(_batches(train_dataset(parts, CFG, 40_000, 8, 2, 0)))
+
+
+def test_shards_partition_the_global_batch_exactly_from_memory_maps(tmp_path):
+    parts = []
+    for k, n in enumerate((700, 1003)):
+        path = tmp_path / f"train-{k}.bin"
+        ((np.arange(n) + 3000 * k) % 251).astype(np.uint8).tofile(path)
+        parts.append(np.memmap(path, dtype=np.uint8, mode="r", shape=(n,)))
+    whole = _batches(train_dataset(parts, CFG, 256, 8, epoch=2, seed=0))
+    split = [_batches(train_dataset(parts, CFG, 256, 8, 2, 0, Shard(w, 2, 1))) for w in range(2)]
+    assert len(whole) == len(split[0]) == len(split[1]) > 0
+    for step, (x, _) in enumerate(whole):
+        assert np.array_equal(np.concatenate([split[0][step][0], split[1][step][0]]), x)
+
+
+def test_validation_sample_is_bounded_fixed_and_spread():
+    assert np.array_equal(val_starts(95, CFG, max_chars=1_000_000), val_starts(95, CFG))  # small: all
+    sample = val_starts(100_000, CFG, max_chars=1000)
+    assert len(sample) == 100 and sample[0] == 0 and sample[-1] == val_starts(100_000, CFG)[-1]
+    assert np.array_equal(sample, val_starts(100_000, CFG, max_chars=1000))
+    ds, steps = val_dataset(np.arange(100_000, dtype=np.int32), CFG, 200_000, 16, max_chars=1000)
+    assert steps == 7 and sum(b[2].sum() for b in _batches(ds)) == 100
+
+
+def test_resuming_mid_epoch_skips_the_steps_already_trained():
+    full = _batches(train_dataset(IDS, CFG, 7, 8, epoch=4, seed=0))
+    rest = _batches(train_dataset(IDS, CFG, 7, 8, epoch=4, seed=0, skip_steps=5))
+    assert len(rest) == len(full) - 5 and all(np.array_equal(a[0], b[0]) for a, b in zip(full[5:], rest))

@@ -28,7 +28,6 @@ model's (Keras alone would skip or partly load variables that do not fit).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from typing import Any, Callable
 from textgen import config as cfglib
 from textgen.config import ModelConfig, TrainConfig
 from textgen.errors import TextgenError
-from textgen.files import fsync_dir, temp_sibling
+from textgen.files import fsync_dir, sha256_file, temp_sibling
 from textgen.text import Vocab, VocabError
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -152,12 +151,7 @@ def tidy(final: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,4 +1,4 @@
-"""``textgen`` command line: train, export, generate, eval, serve.
+"""``textgen`` command line: prepare, train, export, generate, eval, serve.
 
 Importing this module is cheap: each subcommand imports its own stack when it runs, so
 ``textgen generate`` never loads TensorFlow. Human-readable progress goes to stderr; commands that
@@ -54,16 +54,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
         )
 
-    from textgen.train import LocalSink, fit, prepare_data
+    from textgen.train import LocalSink, fit, prepare_data, settle_train_config
 
-    data = prepare_data(args.corpus, model_cfg, train_cfg)
+    data = prepare_data(args.corpus, model_cfg, train_cfg, data=args.data, max_vocab=args.max_vocab,
+                        min_count=args.min_count, progress=args.progress, log=eprint)
+    train_cfg = settle_train_config(train_cfg, data, args.val_fraction, args.lowercase)
     if resume_from is not None and resume_from.vocab != data.vocab:
         raise TextgenError(
-            f"the corpus' vocabulary ({data.vocab.size} chars) differs from the checkpoint's "
-            f"({resume_from.vocab.size}); resume with the same --corpus"
+            f"the dataset's vocabulary ({data.vocab.size} chars, {data.source}) differs from the checkpoint's "
+            f"({resume_from.vocab.size}); resume with the same --corpus or --data"
         )
-    eprint(f"corpus: {len(data.train_ids) + len(data.val_ids):,} chars, vocabulary {data.vocab.size}, "
-           f"train {len(data.train_ids):,} / validation {len(data.val_ids):,}; preset {args.preset}; out {out}")
+    eprint(f"data {data.source}: {data.n_train + data.n_val:,} chars, vocabulary {data.vocab.size}, "
+           f"train {data.n_train:,} / validation {data.n_val:,}; preset {args.preset}; out {out}")
     sink = LocalSink(out)
     try:
         summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from,
@@ -80,6 +82,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     print_result(result)
     return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from textgen.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(lowercase=args.lowercase, val_fraction=args.val_fraction, max_vocab=args.max_vocab,
+                          min_count=args.min_count, shard_mb=args.shard_mb)
+    out, reused = prepare(args.corpus, args.out, opts, progress=args.progress, log=eprint)
+    if reused:
+        eprint(f"{out} is up to date (same sources and options): reused")
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    print_result({"out": str(out.resolve()), "reused": reused, "characters": meta["characters"],
+                  "vocab_size": len(meta["vocab"]["chars"]), "shards": len(meta["shards"]), **meta["split"],
+                  "unknown_count": meta["unknown"]["mapped_count"]})
+    return 0
+
+
+def add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", nargs="*", metavar="CORPUS",
+                   help="UTF-8 text files or directories of *.txt (default: the bundled corpus)")
+    p.add_argument("--out", required=True, help="the dataset directory to write")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out tail of every file (default: %(default)s)")
+    p.add_argument("--no-lowercase", dest="lowercase", action="store_false", help="keep the corpus' case")
+    p.add_argument("--max-vocab", type=int, help="keep at most N characters, U+FFFD for the rest included")
+    p.add_argument("--min-count", type=int, default=1, help="map characters seen fewer times to U+FFFD")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -116,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="encode a corpus once into shards of ids for training (--data)")
+    add_prepare_args(p)
+    p.set_defaults(func=cmd_prepare)
 
     from export.cli import add_export_args
     from serve.cli import add_eval_args, add_generate_args, add_serve_args

@@ -62,6 +62,9 @@ class TrainConfig:
     seed: int = 0  # Seeds weights, window offsets, shuffling and dropout.
     lowercase: bool = True  # The notebook lowercases: 45 characters instead of 72 for the bundled corpus.
     mixed_precision: bool = False  # float16 compute on GPU (logits stay float32); off on CPU.
+    val_chars: int | None = 1_000_000  # Validate on a fixed sample of this many held-out target chars (None: all).
+    eval_every_steps: int | None = None  # Also validate, report and checkpoint every N training steps.
+    eval_every_minutes: float | None = None  # ... and every M minutes (agreed by all workers).
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -78,6 +81,10 @@ class TrainConfig:
             raise ConfigError(f"patience must be at least 1, got {self.patience}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        for name in ("val_chars", "eval_every_steps", "eval_every_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
 
 
 # JSON types of the config fields (by annotation): an int is never a bool, a float or a string.
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "float | None": "a number or null", "str": "a string",
+_TYPE_WORDS = {"int": "an integer", "int | None": "an integer or null", "float": "a number", "float | None": "a number or null", "str": "a string",
                "bool": "true or false", "tuple[int, ...]": "a list of positive integers"}
 
 
@@ -168,8 +175,8 @@ def _has_type(v: Any, annotation: str) -> bool:
     def is_int(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if annotation == "int":
-        return is_int(v)
+    if annotation in ("int", "int | None"):
+        return (v is None and annotation != "int") or is_int(v)
     if annotation in ("float", "float | None"):
         return (v is None and annotation != "float") or is_int(v) or isinstance(v, float)
     if annotation == "tuple[int, ...]":
@@ -197,7 +204,12 @@ def _units(text: str) -> tuple[int, ...]:
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", nargs="+", metavar="PATH",
-                   help="UTF-8 text file(s) or directories of *.txt (default: the bundled Alice in Wonderland)")
+                   help="UTF-8 text file(s) or directories of *.txt (default: the bundled Alice in Wonderland), "
+                        "prepared into $TEXTGEN_CACHE (~/.cache/textgen)/data/<fingerprint> first")
+    p.add_argument("--data", metavar="DIR_OR_URI",
+                   help="a dataset made by `textgen prepare`: a directory, or s3:// gs:// file:// URI")
+    p.add_argument("--max-vocab", type=int, help="with --corpus: keep this many characters (see textgen prepare)")
+    p.add_argument("--min-count", type=int, default=1, help="with --corpus: drop characters seen fewer times")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="model and training preset (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="maximum number of epochs")
@@ -210,6 +222,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--no-lowercase", dest="lowercase", action="store_false", default=None,
                    help="keep the corpus' case (the notebook lowercases)")
+    p.add_argument("--val-chars", type=int,
+                   help="validate on a fixed sample of this many held-out characters (default 1,000,000; "
+                        "the whole split when smaller)")
+    p.add_argument("--eval-every-steps", type=int, help="also validate, report and checkpoint every N steps")
+    p.add_argument("--eval-every-minutes", type=float, help="also validate, report and checkpoint every M minutes")
     p.add_argument("--seq-len", type=int, help="characters per training window")
     p.add_argument("--embedding-dim", type=int, help="embedding size")
     p.add_argument("--lstm-units", type=_units, help="LSTM sizes, one per layer, e.g. 256,256")
@@ -230,7 +247,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         pre.train, epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
         learning_rate=args.learning_rate, clipnorm=args.clipnorm, patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed, lowercase=args.lowercase,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=args.mixed_precision, val_chars=args.val_chars, eval_every_steps=args.eval_every_steps,
+        eval_every_minutes=args.eval_every_minutes,
     )
     return model, train
 

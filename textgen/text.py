@@ -190,6 +190,14 @@ def _refuse_outside(directory: Path, found: list[Path]) -> None:
             )
 
 
+def not_utf8(path: Path, byte: int, offset: int, line: int, col: int) -> CorpusError:
+    """The error for a byte that is not UTF-8, where it is (1-based line and column, in bytes)."""
+    return CorpusError(
+        f"{path} is not UTF-8: byte 0x{byte:02x} at offset {offset} (line {line}, "
+        f"column {col}) is invalid; convert the file, e.g. iconv -f latin1 -t utf-8 {path}"
+    )
+
+
 def read_text(path: Path) -> str:
     """One corpus file, strictly UTF-8 (the error says where a bad byte is)."""
     data = path.read_bytes()
@@ -198,10 +206,7 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise CorpusError(
-            f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}, "
-            f"column {col}) is invalid; convert the file, e.g. iconv -f latin1 -t utf-8 {path}"
-        ) from None
+        raise not_utf8(path, data[e.start], e.start, line, col) from None
     # A byte-order mark and Windows line ends are encoding details, not characters to learn.
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
@@ -222,12 +227,16 @@ def read_corpus(paths: Sequence[str | Path] | None, lowercase: bool = True) -> C
 def load_corpus(paths: Sequence[str | Path] | None = None, lowercase: bool = True) -> Corpus:
     """``read_corpus``, refusing a corpus with nothing to learn (empty, or one character)."""
     corpus = read_corpus(paths, lowercase)
-    text = corpus.text
-    if not text.strip():
-        raise CorpusError(f"corpus is empty: {', '.join(corpus.files)} holds no text")
-    if len(set(text)) < 2:
-        raise CorpusError(f"corpus has a vocabulary of one character ({text[0]!r}); there is nothing to learn")
+    refuse_nothing_to_learn(set(corpus.text), corpus.files)
     return corpus
+
+
+def refuse_nothing_to_learn(chars: set[str], files: Sequence[str]) -> None:
+    """A corpus whose distinct characters are all whitespace (empty), or only one, is refused."""
+    if all(c.isspace() for c in chars):
+        raise CorpusError(f"corpus is empty: {', '.join(files)} holds no text")
+    if len(chars) < 2:
+        raise CorpusError(f"corpus has a vocabulary of one character ({min(chars)!r}); there is nothing to learn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +251,19 @@ def held_out_length(n: int, val_fraction: float) -> int:
 def split_ids(ids: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Split into a training head and a contiguous validation tail; no window crosses the boundary
     because each part is windowed on its own. Both parts must hold at least one window."""
+    n_val = check_split_sizes(len(ids), held_out_length(len(ids), val_fraction), val_fraction, seq_len)
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+def check_split_sizes(n: int, n_val: int, val_fraction: float, seq_len: int) -> int:
+    """Both parts of an n-character corpus with an n_val-character held-out part must hold at
+    least one window; returns n_val."""
     window = seq_len + 1
-    n = len(ids)
     if n < 2 * window:
         raise CorpusError(
             f"corpus has {n} characters, shorter than two windows of seq_len+1 = {window}; "
             "use more text or a smaller --seq-len"
         )
-    n_val = held_out_length(n, val_fraction)
     if n_val < window:
         raise CorpusError(
             f"the validation tail ({val_fraction:.0%} of {n} = {n_val} characters) is shorter than one "
@@ -260,7 +274,7 @@ def split_ids(ids: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.nd
             f"the training part ({n - n_val} characters) is shorter than one window of {window}; "
             "use more text or a smaller --val-fraction"
         )
-    return ids[: n - n_val], ids[n - n_val :]
+    return n_val
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ workers agree on. It knows nothing about Ray: where checkpoints go is the ``sink
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -22,10 +23,12 @@ import tensorflow as tf
 
 from textgen import checkpoint as ckptlib
 from textgen.config import NOTEBOOK, ModelConfig, TrainConfig
+from textgen.dataset import locate
 from textgen.errors import RunFailed
 from textgen.files import atomic_write
 from textgen.model import build_model
-from textgen.text import Vocab, load_corpus, split_ids
+from textgen.prepare import PrepareOptions
+from textgen.text import CorpusError, Vocab, check_split_sizes
 from textgen.windows import (
     Shard,
     per_replica_batch,
@@ -33,6 +36,7 @@ from textgen.windows import (
     targets_per_window,
     train_dataset,
     val_dataset,
+    val_starts,
     val_steps,
 )
 
@@ -46,20 +50,65 @@ class TrainingError(RunFailed):
 @dataclass(frozen=True)
 class TrainData:
     vocab: Vocab
-    train_ids: np.ndarray  # (N_train,) int32
-    val_ids: np.ndarray  # (N_val,) int32, the contiguous tail
+    train_ids: tuple[np.ndarray, ...]  # the training shards (read-only memory maps)
+    val_ids: tuple[np.ndarray, ...]  # the held-out shards
+    source: str = ""  # the prepared directory they are read from
+    lowercase: bool = True
+    val_fraction: float = 0.1
+
+    @property
+    def train_lengths(self) -> list[int]:
+        return [len(p) for p in self.train_ids]
+
+    @property
+    def val_lengths(self) -> list[int]:
+        return [len(p) for p in self.val_ids]
+
+    @property
+    def n_train(self) -> int:
+        return sum(self.train_lengths)
+
+    @property
+    def n_val(self) -> int:
+        return sum(self.val_lengths)
 
 
 def prepare_data(
-    corpus: Sequence[str | Path] | None, model_cfg: ModelConfig, train_cfg: TrainConfig
+    corpus: Sequence[str | Path] | None, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
+    data: str | Path | None = None, max_vocab: int | None = None, min_count: int = 1,
+    progress: bool = False, log: Callable[[str], None] = lambda s: None,
 ) -> TrainData:
-    """Corpus -> vocabulary (from the whole text, as in the notebook) -> ids -> train/val split."""
-    text = load_corpus(corpus, lowercase=train_cfg.lowercase).text
-    vocab = Vocab.from_text(text)
-    ids = vocab.encode(text)
-    train_ids, val_ids = split_ids(ids, train_cfg.val_fraction, model_cfg.seq_len)
-    steps_per_epoch(len(train_ids), model_cfg, train_cfg.batch_size)  # fail now, not on a worker
-    return TrainData(vocab, train_ids, val_ids)
+    """A prepared dataset (``data``: a directory or a URI), or the corpus prepared into the cache
+    (the bundled one when both are empty): vocabulary and memory-mapped train/val shards."""
+    opts = PrepareOptions(lowercase=train_cfg.lowercase, val_fraction=train_cfg.val_fraction,
+                          max_vocab=max_vocab, min_count=min_count)
+    ds = locate(data, corpus, opts, progress=progress, log=log)
+    out = TrainData(ds.vocab, ds.train, ds.val, str(ds.path), ds.lowercase, ds.val_fraction)
+    check_fits(out, model_cfg, train_cfg)
+    return out
+
+
+def check_fits(data: TrainData, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Both splits make windows and the training split at least one batch: fail now, not on a worker."""
+    check_split_sizes(data.n_train + data.n_val, data.n_val, data.val_fraction, model_cfg.seq_len)
+    if not len(val_starts(data.val_lengths, model_cfg)):
+        raise CorpusError(
+            f"the held-out split ({data.n_val} characters) makes no window of {model_cfg.seq_len + 1}: every "
+            "file's held-out tail is shorter; use longer files, a larger --val-fraction or a smaller --seq-len"
+        )
+    steps_per_epoch(data.train_lengths, model_cfg, train_cfg.batch_size)
+
+
+def settle_train_config(train_cfg: TrainConfig, data: TrainData, val_fraction: float | None,
+                        lowercase: bool | None) -> TrainConfig:
+    """The run's config with the dataset's split and case (what the checkpoint records); a flag
+    given explicitly that contradicts the dataset is refused."""
+    for flag, given, actual in (("--val-fraction", val_fraction, data.val_fraction),
+                                ("--no-lowercase", None if lowercase is None else not lowercase, not data.lowercase)):
+        if given is not None and given != actual:
+            raise CorpusError(f"{flag} contradicts the prepared dataset {data.source} ({flag} {actual}); "
+                              "prepare it again with that option, or drop the flag")
+    return dataclasses.replace(train_cfg, val_fraction=data.val_fraction, lowercase=data.lowercase)
 
 
 class Sink(Protocol):
@@ -248,7 +297,7 @@ class Loop:
 
     @property
     def n_steps(self) -> int:
-        return steps_per_epoch(len(self.data.train_ids), self.model_cfg, self.train_cfg.batch_size)
+        return steps_per_epoch(self.data.train_lengths, self.model_cfg, self.train_cfg.batch_size)
 
     @property
     def chars_per_step(self) -> int:
@@ -273,7 +322,7 @@ class Loop:
         if self.val_ds is None:
             d, gb = self.data, self.train_cfg.batch_size
             self.val_ds = _distribute(self.strategy, lambda shard: val_dataset(
-                d.val_ids, self.model_cfg, d.vocab.size, gb, shard)[0])
+                d.val_ids, self.model_cfg, d.vocab.size, gb, shard, self.train_cfg.val_chars)[0])
         return self.val_ds
 
     def saver(self, metrics: dict[str, Any], state: RunState) -> Callable[[Path], Path]:
@@ -348,7 +397,8 @@ def validate(loop: Loop) -> float:
     """Mean loss per target character over every validation window (nats)."""
     it = iter(loop.val_batches())
     total, count = 0.0, 0.0
-    for _ in range(val_steps(len(loop.data.val_ids), loop.model_cfg, loop.train_cfg.batch_size)):
+    cfg = loop.train_cfg
+    for _ in range(val_steps(loop.data.val_lengths, loop.model_cfg, cfg.batch_size, cfg.val_chars)):
         t, c = loop.steps.val_step(it)
         total += float(t)
         count += float(c)

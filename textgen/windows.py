@@ -6,9 +6,12 @@ the target the same window shifted by one, so every position carries a loss. Win
 The ``notebook`` kind reproduces the notebook: stride-1 windows, the input scaled to [0, 1) as a float
 feature, and one target (the character after the window).
 
-Windows are never materialised: a batch is a matrix of window *start* positions, turned into ids by
-one vectorised gather (B, seq_len + 1): per-element windowing (``Dataset.window``) spends its time
-on per-window overhead (bench/pipeline.py compares the two).
+The ids are one array or several (the shards of a prepared dataset, memory-mapped): windows are cut
+in each part on its own, so none crosses a part boundary, and a window's start is its position in
+the parts laid end to end. Windows are never materialised: a batch is a vector of window *start*
+positions, turned into ids by one vectorised numpy gather (B, seq_len + 1) from the parts
+(``tf.numpy_function``), so no corpus-sized constant enters the graph: per-element windowing
+(``Dataset.window``) spends its time on per-window overhead (bench/pipeline.py compares the two).
 
 Sharding is explicit and exact. A global batch of ``G`` windows is cut into
 ``shard.count * shard.replicas`` equal parts: pipeline ``shard.index`` yields its ``shard.replicas``
@@ -20,7 +23,7 @@ step is exactly the global batch a single process would see.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -79,12 +82,29 @@ def window_rule(cfg: ModelConfig) -> WindowRule:
     return WindowRule(stride=cfg.seq_len, moving_offset=True, targets=cfg.seq_len, split=_next_id_split)
 
 
-def _starts(n_ids: int, cfg: ModelConfig, offset: int = 0) -> np.ndarray:
-    """Start positions from ``offset`` on, one stride apart, of every window that fits. (N,) int64"""
-    return np.arange(offset, n_ids - cfg.seq_len, window_rule(cfg).stride, dtype=np.int64)
+Ids = Union[np.ndarray, Sequence[np.ndarray]]  # one id array, or the shards of a dataset
+Lengths = Union[int, Sequence[int]]  # their lengths
 
 
-def train_starts(n_ids: int, cfg: ModelConfig, epoch: int, seed: int) -> np.ndarray:
+def parts_of(ids: Ids) -> tuple[np.ndarray, ...]:
+    return (ids,) if isinstance(ids, np.ndarray) else tuple(ids)
+
+
+def lengths_of(n_ids: Lengths) -> list[int]:
+    return [int(n_ids)] if isinstance(n_ids, (int, np.integer)) else [int(n) for n in n_ids]
+
+
+def _starts(n_ids: Lengths, cfg: ModelConfig, offset: int = 0) -> np.ndarray:
+    """Start positions from ``offset`` on in every part, one stride apart, of every window that fits
+    in its part (positions in the parts laid end to end). (N,) int64"""
+    stride, found, base = window_rule(cfg).stride, [], 0
+    for n in lengths_of(n_ids):
+        found.append(np.arange(base + offset, base + n - cfg.seq_len, stride, dtype=np.int64))
+        base += n
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def train_starts(n_ids: Lengths, cfg: ModelConfig, epoch: int, seed: int) -> np.ndarray:
     """Start positions of this epoch's training windows, shuffled. (N,) int64."""
     rng = np.random.default_rng([seed, epoch])
     rule = window_rule(cfg)
@@ -92,18 +112,32 @@ def train_starts(n_ids: int, cfg: ModelConfig, epoch: int, seed: int) -> np.ndar
     return rng.permutation(_starts(n_ids, cfg, offset))
 
 
-def val_starts(n_ids: int, cfg: ModelConfig) -> np.ndarray:
-    """Start positions of the validation windows: deterministic, from the first character. (N,)"""
-    return _starts(n_ids, cfg)
+def val_starts(n_ids: Lengths, cfg: ModelConfig, max_chars: int | None = None) -> np.ndarray:
+    """Start positions of the validation windows: deterministic, from the first character; with
+    ``max_chars``, a fixed sample of them spread evenly over the split, of at most that many
+    target characters (all of them when the split is smaller). (N,)"""
+    starts = _starts(n_ids, cfg)
+    if max_chars is None:
+        return starts
+    keep = max(1, max_chars // targets_per_window(cfg))
+    if len(starts) <= keep:
+        return starts
+    return starts[np.linspace(0, len(starts) - 1, keep).round().astype(np.int64)]
 
 
-def val_steps(n_ids: int, cfg: ModelConfig, global_batch: int) -> int:
-    return -(-len(val_starts(n_ids, cfg)) // global_batch)
+def val_steps(n_ids: Lengths, cfg: ModelConfig, global_batch: int, max_chars: int | None = None) -> int:
+    return -(-len(val_starts(n_ids, cfg, max_chars)) // global_batch)
 
 
-def steps_per_epoch(n_ids: int, cfg: ModelConfig, global_batch: int) -> int:
+def count_windows(n_ids: Lengths, cfg: ModelConfig) -> int:
+    """Training windows per epoch, whatever the offset (the smallest count over offsets)."""
+    stride = window_rule(cfg).stride
+    return sum(max(0, n - cfg.seq_len) // stride for n in lengths_of(n_ids))
+
+
+def steps_per_epoch(n_ids: Lengths, cfg: ModelConfig, global_batch: int) -> int:
     """Training steps per epoch; the count is the same every epoch (the smallest over offsets)."""
-    n_windows = (n_ids - cfg.seq_len) // window_rule(cfg).stride
+    n_windows = count_windows(n_ids, cfg)
     steps = n_windows // global_batch
     if steps < 1:
         raise WindowError(
@@ -120,12 +154,32 @@ def _to_batches(starts: np.ndarray, steps: int, global_batch: int, shard: Shard)
     return grid[:, shard.index].reshape(steps * shard.replicas, b)
 
 
-def _split_fn(cfg: ModelConfig, vocab_size: int, ids: tf.Tensor):
-    offsets = tf.range(cfg.seq_len + 1, dtype=tf.int64)
-    split = window_rule(cfg).split
+def gather_fn(ids: Ids, seq_len: int) -> Callable[[np.ndarray], np.ndarray]:
+    """(b,) window starts -> (b, seq_len + 1) int32 ids, read from the parts (memory maps stay on
+    disk: only the windows' bytes are touched)."""
+    parts = parts_of(ids)
+    bases = np.cumsum([0] + [len(p) for p in parts[:-1]]).astype(np.int64)
+    offsets = np.arange(seq_len + 1, dtype=np.int64)
+
+    def gather(starts: np.ndarray) -> np.ndarray:
+        if len(parts) == 1:
+            return parts[0][starts[:, None] + offsets].astype(np.int32)
+        which = np.searchsorted(bases, starts, side="right") - 1
+        out = np.empty((len(starts), seq_len + 1), dtype=np.int32)
+        for k in np.unique(which):
+            rows = which == k
+            out[rows] = parts[k][(starts[rows] - bases[k])[:, None] + offsets]
+        return out
+
+    return gather
+
+
+def _split_fn(cfg: ModelConfig, vocab_size: int, ids: Ids):
+    split, gather = window_rule(cfg).split, gather_fn(ids, cfg.seq_len)
 
     def window_split(starts):  # (b,) -> x, y
-        return split(tf.gather(ids, starts[:, None] + offsets), vocab_size)  # from (b, L+1) ids
+        w = tf.numpy_function(gather, [starts], tf.int32, stateful=False)
+        return split(tf.ensure_shape(w, [None, cfg.seq_len + 1]), vocab_size)  # from (b, L+1) ids
 
     return window_split
 
@@ -146,11 +200,14 @@ def train_dataset(
     epoch: int,
     seed: int,
     shard: Shard = Shard(),
+    skip_steps: int = 0,
 ) -> tf.data.Dataset:
-    """One epoch of training batches for this pipeline: elements (x, y) of per-replica size."""
-    steps = steps_per_epoch(len(ids), cfg, global_batch)
-    starts = _to_batches(train_starts(len(ids), cfg, epoch, seed), steps, global_batch, shard)
-    split = _split_fn(cfg, vocab_size, tf.constant(ids, dtype=tf.int32))
+    """One epoch of training batches for this pipeline: elements (x, y) of per-replica size; the
+    first ``skip_steps`` global steps left out (a run resumed in the middle of an epoch)."""
+    lengths = [len(p) for p in parts_of(ids)]
+    steps = steps_per_epoch(lengths, cfg, global_batch)
+    starts = _to_batches(train_starts(lengths, cfg, epoch, seed), steps, global_batch, shard)[skip_steps * shard.replicas:]
+    split = _split_fn(cfg, vocab_size, ids)
     return (
         tf.data.Dataset.from_tensor_slices(starts)
         .map(split, num_parallel_calls=tf.data.AUTOTUNE)
@@ -160,21 +217,22 @@ def train_dataset(
 
 
 def val_dataset(
-    ids: np.ndarray, cfg: ModelConfig, vocab_size: int, global_batch: int, shard: Shard = Shard()
+    ids: Ids, cfg: ModelConfig, vocab_size: int, global_batch: int, shard: Shard = Shard(),
+    max_chars: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
-    """All validation windows, padded to whole global batches with weight-0 windows so that the
-    loss is exact and every replica runs the same number of steps. Elements (x, y, weight).
-    Returns the dataset and the number of steps."""
-    starts = val_starts(len(ids), cfg)
+    """The validation windows (``val_starts``), padded to whole global batches with weight-0 windows
+    so that the loss is exact and every replica runs the same number of steps. Elements
+    (x, y, weight). Returns the dataset and the number of steps."""
+    starts = val_starts([len(p) for p in parts_of(ids)], cfg, max_chars)
     n = len(starts)
-    steps = val_steps(len(ids), cfg, global_batch)
-    padded = np.zeros(steps * global_batch, dtype=np.int64)
+    steps = -(-n // global_batch)
+    padded = np.full(steps * global_batch, starts[0] if n else 0, dtype=np.int64)
     padded[:n] = starts
     weights = np.zeros(steps * global_batch, dtype=np.float32)
     weights[:n] = 1.0
     starts_b = _to_batches(padded, steps, global_batch, shard)
     weights_b = _to_batches(weights, steps, global_batch, shard)
-    split = _split_fn(cfg, vocab_size, tf.constant(ids, dtype=tf.int32))
+    split = _split_fn(cfg, vocab_size, ids)
     ds = (
         tf.data.Dataset.from_tensor_slices((starts_b, weights_b))
         .map(lambda s, w: (*split(s), w), num_parallel_calls=tf.data.AUTOTUNE)

@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 MINUTES ?= 5
 NAME ?= make-run
 RUNS := $(CURDIR)/runs
-.PHONY: venv run lint test test-fast bench lock clean
+JS_STAMP := js/node_modules/.installed
+.PHONY: venv run lint test test-fast bench lock clean js browser
 
 venv: $(STAMP)
 
@@ -38,10 +39,21 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# The JS generator's packages (tests/test_js.py runs `npm test`); onnxruntime-node's install script
+# would download CUDA binaries, which the CPU backend does not need.
+js: $(JS_STAMP)
+$(JS_STAMP): js/package.json js/package-lock.json
+	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	touch $(JS_STAMP)
+
+# The system browser the page tests drive through Playwright (Debian's chromium).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: lint js browser
 	$(BIN)/python -m pytest tests
 
-test-fast: lint
+test-fast: lint js browser
 	$(BIN)/python -m pytest tests -m "not slow"
 
 # Benchmarks print JSON lines; figures and commands are recorded in bench/RESULTS.md.

@@ -5,6 +5,8 @@ per result.
     python -m bench.http_load --model M --phases 8,32,32 --requests 20 --max-chars 500 --time-limit 120
     python -m bench.http_load --model M --client httpx --skip-batch --server-arg=--stream-interval-ms=20
     python -m bench.http_load --model M --hol      # head-of-line: a short stream behind 40 long prompts
+    python -m bench.http_load --model M --route completions --scrape-metrics 1
+    python -m bench.http_load --model M --compare --skip-batch   # /v1/generate vs /v1/completions vs + /metrics
 
 The server runs as a subprocess on 127.0.0.1 (a free port); the clients are streams of one
 ``aiohttp.ClientSession`` (or ``httpx.AsyncClient`` with ``--client httpx``) in this process, each
@@ -21,6 +23,15 @@ sending its requests one after another (``stream: true``, parsing the Server-Sen
                     (the mean of those phases) >= 50% of batch_in_process; zero errors and zero 5xx
                     (every phase stays within the server's in-flight limit); the server's RSS once
                     loaded and after each phase, and its growth between the last two equal phases
+
+``--route completions`` sends the same load through the OpenAI-compatible route (``max_tokens``,
+``data:`` chunks, ``[DONE]``); ``--scrape-metrics S`` GETs /metrics every S seconds during each
+phase (a ``scrapes`` count and their p99 in the phase line). ``--compare`` runs the phases on one
+server for each variant (``generate``, ``completions``, ``completions`` with /metrics scraped every
+second), ``--compare-rounds`` times in turn, and prints a ``compare_summary``: completions' chars/s
+within 10% of generate's, completions' first character p99 <= 100 ms at 8 streams, zero 5xx, and
+the scrape's cost to the request-time and first-character p99 (goal <= 2%, the medians of the
+rounds).
 
 ``--hol`` measures head-of-line blocking instead: ``--hol-long`` streams (40) with prompts of
 ``--hol-prompt-chars`` (10,000) characters are admitted, then, while their prompts are still being
@@ -54,6 +65,9 @@ from bench import generation
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "runs" / "default" / "model.onnx"
 GOALS = {"ttfc_p99_ms_at_8": 100.0, "throughput_vs_batch": 0.5}
+COMPARE_GOALS = {"completions_vs_generate_chars_per_s": 0.9, "ttfc_p99_ms_at_8": 100.0, "scrape_p99_cost": 0.02}
+VARIANTS = {"generate": ("generate", None), "completions": ("completions", None),
+            "completions_scraped": ("completions", 1.0)}
 HOL_GOAL_MS = 500.0  # a short stream's first character with long prompts queued
 SAMPLING = generation.SAMPLING  # the in-process reference's settings
 
@@ -157,6 +171,26 @@ async def wait_ready(client, base: str, proc: subprocess.Popen, timeout: float =
 # Clients
 
 
+def request_body(route: str, prompt: str, chars: int, seed: int, sampling: dict) -> dict:
+    """A streaming request of ``chars`` characters in the route's words."""
+    size = {"max_chars": chars} if route == "generate" else {"max_tokens": chars}
+    return {"prompt": prompt, **size, "stream": True, "seed": seed, **sampling}
+
+
+def chars_of(event: str | None, data: str, result: dict) -> int:
+    """Characters of one event of either route's stream (errors into ``result``)."""
+    if event == "delta":
+        return len(json.loads(data)["text"])
+    if event == "error":
+        result["errors"].append(data)
+    elif event is None and data and data != "[DONE]":
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result["errors"].append(data)
+        return sum(len(c["text"]) for c in chunk.get("choices", ()))
+    return 0
+
+
 async def one_request(client: Client, body: dict, result: dict) -> None:
     """One streaming request; records status, TTFC, chars and the request time into ``result``."""
     t0 = time.perf_counter()
@@ -173,29 +207,27 @@ async def one_request(client: Client, body: dict, result: dict) -> None:
             buffer += chunk
             *events, buffer = EVENT_END.split(buffer)
             for block in events:
-                event, data = parse_event(block)
-                if event == "delta":
-                    if first is None:
-                        first = time.perf_counter() - t0
-                    chars += len(json.loads(data)["text"])
-                elif event == "error":
-                    result["errors"].append(data)
+                made = chars_of(*parse_event(block), result)
+                if made and first is None:
+                    first = time.perf_counter() - t0
+                chars += made
     elapsed = time.perf_counter() - t0
     if first is not None:
         result["ttfc"].append(first)
     result["latency"].append(elapsed)
     result["chars"] += chars
-    if chars != body["max_chars"]:
-        result["errors"].append(f"short stream: {chars} of {body['max_chars']} characters")
+    wanted = body.get("max_chars", body.get("max_tokens"))
+    if chars != wanted:
+        result["errors"].append(f"short stream: {chars} of {wanted} characters")
 
 
 class Client:
-    """POST /v1/generate with aiohttp (a C HTTP parser: little client CPU per character) or httpx
-    (pure-Python h11: several times more, which on a small box takes CPU from the server it
-    measures; bench/RESULTS.md)."""
+    """POST /v1/generate (or /v1/completions) with aiohttp (a C HTTP parser: little client CPU per
+    character) or httpx (pure-Python h11: several times more, which on a small box takes CPU from
+    the server it measures; bench/RESULTS.md)."""
 
-    def __init__(self, kind: str, base: str, connections: int) -> None:
-        self.kind, self.url = kind, f"{base}/v1/generate"
+    def __init__(self, kind: str, base: str, connections: int, route: str = "generate") -> None:
+        self.kind, self.url = kind, f"{base}/v1/{route}"
         if kind == "aiohttp":
             import aiohttp
 
@@ -228,8 +260,7 @@ async def client_loop(client: Client, index: int, args: argparse.Namespace, dead
         if time.monotonic() > deadline:
             result["cut_by_time_limit"] = True
             return
-        body = {"prompt": args.prompt, "max_chars": args.max_chars, "stream": True,
-                "seed": index * 100_000 + i, **SAMPLING}
+        body = request_body(args.route, args.prompt, args.max_chars, index * 100_000 + i, SAMPLING)
         try:
             await one_request(client, body, result)
         except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the bench
@@ -240,7 +271,10 @@ async def phase(base: str, proc: subprocess.Popen, clients: int, args: argparse.
     import httpx
 
     result = {"statuses": {}, "errors": [], "ttfc": [], "latency": [], "chars": 0, "cut_by_time_limit": False}
-    client = Client(args.client, base, clients + 4)
+    client = Client(args.client, base, clients + 4, args.route)
+    scrapes: list[float] = []
+    stop = asyncio.Event()
+    scraping = asyncio.ensure_future(scraper(base, args.scrape_metrics, stop, scrapes))
     try:
         t0 = time.perf_counter()
         server_cpu0, client_cpu0 = cpu_s(proc.pid), own_cpu_s()
@@ -249,13 +283,17 @@ async def phase(base: str, proc: subprocess.Popen, clients: int, args: argparse.
         wall = time.perf_counter() - t0
         server_cpu, client_cpu = cpu_s(proc.pid) - server_cpu0, own_cpu_s() - client_cpu0
     finally:
+        stop.set()
+        await scraping
         await client.close()
     async with httpx.AsyncClient(timeout=10) as http:
         stats = (await http.get(f"{base}/v1/stats")).json()
     ms = lambda v: None if v is None else round(1000 * v, 2)  # noqa: E731
     fives = sum(n for status, n in result["statuses"].items() if status >= 500)
     return {
-        "bench": "phase", "client": args.client, "clients": clients, "requests": sum(result["statuses"].values()),
+        "bench": "phase", "client": args.client, "route": args.route, "scrape_metrics_s": args.scrape_metrics,
+        "scrapes": len(scrapes), "scrape_ms_p99": ms(percentile(scrapes, 99)),
+        "clients": clients, "requests": sum(result["statuses"].values()),
         "statuses": {str(k): v for k, v in sorted(result["statuses"].items())}, "errors": len(result["errors"]),
         "first_errors": result["errors"][:5], "http_5xx": fives, "cut_by_time_limit": result["cut_by_time_limit"],
         "ttfc_ms_p50": ms(percentile(result["ttfc"], 50)), "ttfc_ms_p99": ms(percentile(result["ttfc"], 99)),
@@ -269,6 +307,34 @@ async def phase(base: str, proc: subprocess.Popen, clients: int, args: argparse.
     }
 
 
+async def scraper(base: str, interval: float | None, stop: asyncio.Event, seconds: list[float]) -> None:
+    """GET /metrics every ``interval`` seconds until ``stop`` (nothing without an interval)."""
+    import httpx
+
+    if not interval:
+        return
+    async with httpx.AsyncClient(timeout=10) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = await http.get(f"{base}/metrics")
+            r.raise_for_status()
+            seconds.append(time.perf_counter() - t0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+async def warm_up(base: str, args: argparse.Namespace) -> None:
+    """The first requests pay for lazy allocations: a few short ones on each route."""
+    for route in ("generate", "completions"):
+        client = Client(args.client, base, 8, route)
+        try:
+            warm = {"statuses": {}, "errors": [], "ttfc": [], "latency": [], "chars": 0}
+            await asyncio.gather(*(one_request(client, request_body(route, args.prompt, 50, i, {}), warm)
+                                   for i in range(4)))
+        finally:
+            await client.close()
+
+
 async def run_load(model: Path, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     import httpx
 
@@ -279,27 +345,63 @@ async def run_load(model: Path, args: argparse.Namespace) -> tuple[dict, list[di
     try:
         async with httpx.AsyncClient(timeout=10) as http:
             await wait_ready(http, base, proc)
-        # Warm-up: the first requests pay for lazy allocations.
-        client = Client(args.client, base, 8)
-        try:
-            warm = {"statuses": {}, "errors": [], "ttfc": [], "latency": [], "chars": 0}
-            await asyncio.gather(*(one_request(client, {"prompt": args.prompt, "max_chars": 50, "stream": True,
-                                                        "seed": i}, warm) for i in range(4)))
-        finally:
-            await client.close()
+        await warm_up(base, args)
         server = {"bench": "server", "argv": proc.argv[1:], "port": port,  # type: ignore[attr-defined]
                   "rss_mb_loaded": round(rss_mb(proc.pid), 1)}
         emit(server)
-        for clients in args.phases:
-            if clients > args.max_rows:
-                raise SystemExit(f"--phases {clients} is above the server's --max-rows {args.max_rows}: "
-                                 "requests would be refused (429); raise --max-rows")
-            p = await phase(base, proc, clients, args)
-            emit(p)
-            phases.append(p)
+        for variant in plan(args):
+            for clients in args.phases:
+                if clients > args.max_rows:
+                    raise SystemExit(f"--phases {clients} is above the server's --max-rows {args.max_rows}: "
+                                     "requests would be refused (429); raise --max-rows")
+                p = {**await phase(base, proc, clients, args), **({"variant": variant} if variant else {})}
+                emit(p)
+                phases.append(p)
     finally:
         stop_server(proc)
     return server, phases
+
+
+def plan(args: argparse.Namespace):
+    """The variants to run in turn (``--compare``: each ``--compare-rounds`` times), setting
+    ``args.route`` and ``args.scrape_metrics`` for each; [None]: the options as given."""
+    if not args.compare:
+        yield None
+        return
+    for _ in range(args.compare_rounds):
+        for name, (route, scrape) in VARIANTS.items():
+            args.route, args.scrape_metrics = route, scrape
+            yield name
+
+
+def compare_summary(phases: list[dict]) -> dict:
+    """The --compare goals from the phase lines (medians over rounds; chars/s: the mean)."""
+    import statistics
+
+    def of(variant: str, key: str, clients: int | None = None, agg=statistics.median) -> float | None:
+        values = [p[key] for p in phases if p.get("variant") == variant and p[key] is not None
+                  and (clients is None or p["clients"] == clients)]
+        return agg(values) if values else None
+
+    most = max(p["clients"] for p in phases)
+    gen, comp = of("generate", "chars_per_s", most, statistics.mean), of("completions", "chars_per_s", most,
+                                                                        statistics.mean)
+    ratio = None if not gen or comp is None else round(comp / gen, 3)
+    ttfc8 = of("completions", "ttfc_ms_p99", 8)
+    cost = {key: None if not of("completions", key, most) else round(
+        of("completions_scraped", key, most) / of("completions", key, most) - 1, 4)
+        for key in ("request_s_p99", "ttfc_ms_p99")}
+    fives = sum(p["http_5xx"] for p in phases)
+    g = COMPARE_GOALS
+    return {"bench": "compare_summary", "clients": most, "generate_chars_per_s": gen, "completions_chars_per_s": comp,
+            "completions_vs_generate": ratio, "completions_ttfc_ms_p99_at_8": ttfc8,
+            "generate_ttfc_ms_p99_at_8": of("generate", "ttfc_ms_p99", 8), "scrape_cost_request_s_p99":
+            cost["request_s_p99"], "scrape_cost_ttfc_ms_p99": cost["ttfc_ms_p99"], "http_5xx": fives,
+            "errors": sum(p["errors"] for p in phases), "goals": g,
+            "meets_goal": {"chars_per_s": ratio is not None and ratio >= g["completions_vs_generate_chars_per_s"],
+                           "ttfc_at_8": ttfc8 is not None and ttfc8 <= g["ttfc_p99_ms_at_8"], "zero_5xx": fives == 0,
+                           "scrape_cost": cost["request_s_p99"] is not None
+                           and cost["request_s_p99"] <= g["scrape_p99_cost"]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-batch", action="store_true", help="do not measure the in-process reference")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `textgen serve` (repeat; e.g. --server-arg=--stream-interval-ms=10)")
+    p.add_argument("--route", choices=("generate", "completions"), default="generate",
+                   help="the route of the load: /v1/generate or the OpenAI-compatible /v1/completions "
+                        "(default: %(default)s)")
+    p.add_argument("--scrape-metrics", type=float, metavar="S",
+                   help="GET /metrics every S seconds during each phase (default: no scraping)")
+    p.add_argument("--compare", action="store_true",
+                   help="run the phases for generate, completions and completions scraped every second, in turn "
+                        "(see above); a compare_summary line at the end")
+    p.add_argument("--compare-rounds", type=int, default=2, help="rounds of --compare (default: %(default)s)")
     p.add_argument("--hol", action="store_true", help="measure head-of-line blocking instead (see above)")
     p.add_argument("--hol-long", type=int, default=40, help="long-prompt streams of --hol (default: %(default)s)")
     p.add_argument("--hol-prompt-chars", type=int, default=10_000,
@@ -423,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = batch_in_process(args.model, args.batch_streams, args.batch_chars)
         emit(reference)
     server, phases = asyncio.run(run_load(args.model, args))
+    if args.compare:
+        emit(compare_summary(phases))
+        return 0
     at8 = next((ph for ph in phases if ph["clients"] == 8), None)
     most = max(ph["clients"] for ph in phases)
     throughput = sum(ph["chars_per_s"] for ph in phases if ph["clients"] == most) / sum(

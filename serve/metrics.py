@@ -100,9 +100,10 @@ class Instrumented:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        run = self._timed if scope["type"] == "http" else self.app
+        await run(scope, receive, send)
+
+    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
         started, status = time.perf_counter(), [0]
 
         async def sending(message: Message) -> None:

@@ -118,3 +118,34 @@ def test_train_reads_a_prepared_directory_and_refuses_another_vocabulary_on_resu
     code, _, stderr = run_cli(args + ["--data", str(tmp_path / "ds"), "--val-fraction", "0.2", "--out",
                                       str(tmp_path / "run2")])
     assert code == 2 and "--val-fraction contradicts the prepared dataset" in stderr, stderr
+
+
+def test_evaluations_within_epochs_checkpoint_and_resume_mid_epoch(tmp_path, monkeypatch):
+    from textgen.checkpoint import load_checkpoint, load_model, restore_optimizer
+    from textgen.train import LocalSink, make_optimizer
+
+    out = tmp_path / "run"
+    args = ["train", "--preset", "small", "--out", str(out), "--no-progress", "--epochs", "1",
+            "--eval-every-steps", "50"]
+    original = LocalSink.epoch_end
+
+    def crash_after_first_save(self, metrics, save, improved):
+        original(self, metrics, save, improved)
+        raise KeyboardInterrupt  # the run dies right after its first checkpoint (step 50 of epoch 1)
+
+    monkeypatch.setattr(LocalSink, "epoch_end", crash_after_first_save)
+    code, _, stderr = run_cli(args)
+    assert code == 130, stderr
+    assert "epoch 1/1 step 50/126" in stderr
+    assert load_checkpoint(out / "last").state["step"] == 50 and load_checkpoint(out / "last").epoch == 0
+    monkeypatch.setattr(LocalSink, "epoch_end", original)
+    code, stdout, stderr = run_cli(args + ["--resume"])
+    assert code == 0, stderr
+    assert "after epoch 0 and 50 steps of epoch 1" in stderr
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["step_in_epoch"], m["partial"]) for m in history] == [
+        (1, 50, True), (1, 100, True), (1, 126, False)]
+    ckpt = load_checkpoint(out / "last")
+    opt = make_optimizer(ckpt.train, 1)
+    restore_optimizer(ckpt, opt, load_model(ckpt).trainable_variables)
+    assert int(opt.iterations.numpy()) == 126 and ckpt.state["step"] == 0  # no step trained twice

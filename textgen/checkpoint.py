@@ -302,7 +302,7 @@ def _check_state(state: Any, where: Path) -> None:
         got = state.get("epoch") if isinstance(state, dict) else state
         raise CheckpointError(f"{where}: epoch must be an integer >= 0, got {got!r}; the checkpoint is damaged")
     best = state.get("best_val_loss")
-    problems = [f"{k} must be an integer >= 0" for k in ("best_epoch", "bad_epochs")
+    problems = [f"{k} must be an integer >= 0" for k in ("best_epoch", "bad_epochs", "step")
                 if k in state and not _is_int(state[k])]
     if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or math.isnan(best)):
         problems.append("best_val_loss must be a number or null")

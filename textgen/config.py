@@ -225,7 +225,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-chars", type=int,
                    help="validate on a fixed sample of this many held-out characters (default 1,000,000; "
                         "the whole split when smaller)")
-    p.add_argument("--eval-every-steps", type=int, help="also validate, report and checkpoint every N steps")
+    p.add_argument("--eval-every-steps", type=int,
+                   help="also validate, report and checkpoint every N steps (--patience then counts evaluations)")
     p.add_argument("--eval-every-minutes", type=float, help="also validate, report and checkpoint every M minutes")
     p.add_argument("--seq-len", type=int, help="characters per training window")
     p.add_argument("--embedding-dim", type=int, help="embedding size")

@@ -120,6 +120,7 @@ class Sink(Protocol):
 @dataclass
 class RunState:
     epoch: int = 0  # completed epochs
+    step: int = 0  # steps already trained of the next epoch (a checkpoint taken within an epoch)
     best_val_loss: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one (early stopping)
@@ -128,6 +129,7 @@ class RunState:
     def to_dict(self, seed: int) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
+            "step": self.step,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -135,9 +137,10 @@ class RunState:
             "history": self.history,
         }
 
-    def record(self, epoch: int, val_loss: float) -> bool:
-        """Count a finished epoch; True when its validation loss is the best so far."""
-        self.epoch = epoch
+    def record(self, epoch: int, val_loss: float, step: int = 0) -> bool:
+        """Count an evaluation: at the end of ``epoch`` (``step`` 0), or after ``step`` of its steps;
+        True when its validation loss is the best so far. Early stopping counts evaluations."""
+        self.epoch, self.step = (epoch, 0) if step == 0 else (epoch - 1, step)
         improved = val_loss < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
@@ -151,6 +154,7 @@ class RunState:
         best = s.get("best_val_loss")
         return cls(
             epoch=int(s["epoch"]),
+            step=int(s.get("step", 0)),
             best_val_loss=math.inf if best is None else float(best),
             best_epoch=int(s.get("best_epoch", 0)),
             bad_epochs=int(s.get("bad_epochs", 0)),
@@ -294,6 +298,7 @@ class Loop:
     steps: Steps
     t_start: float
     val_ds: Any = None  # built once, after the first training epoch has traced the train step
+    last_eval: float = 0.0  # monotonic time of the last evaluation (or of the start)
 
     @property
     def n_steps(self) -> int:
@@ -311,11 +316,24 @@ class Loop:
         late = time.monotonic() - self.t_start > self.train_cfg.max_minutes * 60.0
         return bool(self.steps.any_true(tf.constant(late)))
 
-    def train_batches(self, epoch: int):
-        """This epoch's training batches, distributed over the replicas."""
+    def eval_due(self, epoch: int, done: int) -> bool:
+        """Whether to evaluate after ``done`` steps of ``epoch`` (not at its end: that evaluation
+        comes anyway), by --eval-every-steps (global step count) or --eval-every-minutes (agreed by
+        every worker: a collective call at every step when set)."""
+        cfg = self.train_cfg
+        if done >= self.n_steps or (cfg.eval_every_steps is None and cfg.eval_every_minutes is None):
+            return False
+        due = cfg.eval_every_steps is not None and ((epoch - 1) * self.n_steps + done) % cfg.eval_every_steps == 0
+        if cfg.eval_every_minutes is None:
+            return due
+        late = time.monotonic() - self.last_eval >= cfg.eval_every_minutes * 60.0
+        return bool(self.steps.any_true(tf.constant(due or late)))
+
+    def train_batches(self, epoch: int, skip: int = 0):
+        """This epoch's training batches from step ``skip`` on, distributed over the replicas."""
         d, gb = self.data, self.train_cfg.batch_size
         return _distribute(self.strategy, lambda shard: train_dataset(
-            d.train_ids, self.model_cfg, d.vocab.size, gb, epoch, self.train_cfg.seed, shard))
+            d.train_ids, self.model_cfg, d.vocab.size, gb, epoch, self.train_cfg.seed, shard, skip))
 
     def val_batches(self):
         """Every validation window, distributed over the replicas (built once)."""
@@ -339,9 +357,16 @@ class Loop:
 @dataclass(frozen=True)
 class EpochResult:
     loss_sum: float  # summed over the steps (each the global-batch mean loss)
-    steps: int
-    time_s: float
+    steps: int  # trained in this call (from ``first_step`` on)
+    time_s: float  # training time, without evaluations within the epoch
     out_of_time: bool  # the budget ran out before the last step
+    first_step: int = 0  # steps of the epoch trained before (a run resumed within it)
+    early_stopped: bool = False  # an evaluation within the epoch ended the run
+
+    @property
+    def step(self) -> int:
+        """Steps of the epoch done."""
+        return self.first_step + self.steps
 
 
 def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, strategy, t_start: float,
@@ -360,21 +385,26 @@ def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, stra
             if resume_from.has_optimizer:
                 ckptlib.restore_optimizer(resume_from, optimizer, model.trainable_variables)
             state = RunState.from_checkpoint(resume_from)
-            log(f"resumed from {resume_from.path} after epoch {state.epoch} "
+            within = f" and {state.step} steps of epoch {state.epoch + 1}" if state.step else ""
+            log(f"resumed from {resume_from.path} after epoch {state.epoch}{within} "
                 f"(best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch})")
     steps = Steps(model, optimizer, strategy, model_cfg.kind, train_cfg.batch_size, train_cfg.mixed_precision)
-    return Loop(model_cfg, train_cfg, data, strategy, model, optimizer, steps, t_start), state
+    return Loop(model_cfg, train_cfg, data, strategy, model, optimizer, steps, t_start, last_eval=t_start), state
 
 
-def train_epoch(loop: Loop, epoch: int, progress: bool) -> EpochResult:
-    """One epoch of training steps, or fewer when the budget runs out; a non-finite loss raises
-    ``TrainingError``."""
-    it = iter(loop.train_batches(epoch))
+Midway = Callable[["EpochResult"], bool]  # an evaluation within an epoch; True: stop (early stopping)
+
+
+def train_epoch(loop: Loop, epoch: int, progress: bool, skip: int = 0, midway: Midway | None = None) -> EpochResult:
+    """One epoch of training steps from step ``skip`` on, or fewer when the budget runs out or an
+    evaluation within it (``midway``, when ``loop.eval_due``) stops the run; a non-finite loss
+    raises ``TrainingError``."""
+    it = iter(loop.train_batches(epoch, skip))
     n_steps = loop.n_steps
-    bar = _progress(progress, n_steps, epoch, loop.train_cfg.epochs)
-    t0 = time.monotonic()
-    loss_sum, done, out_of_time = 0.0, 0, False
-    for _ in range(n_steps):
+    bar = _progress(progress, n_steps - skip, epoch, loop.train_cfg.epochs)
+    t0, paused = time.monotonic(), 0.0
+    loss_sum, done, out_of_time, early = 0.0, 0, False, False
+    for _ in range(n_steps - skip):
         loss = float(loop.steps.train_step(it))
         if not math.isfinite(loss):
             raise TrainingError(
@@ -384,13 +414,20 @@ def train_epoch(loop: Loop, epoch: int, progress: bool) -> EpochResult:
         loss_sum += loss
         done += 1
         if bar is not None:
-            _show_progress(bar, done, n_steps, loss_sum, done * loop.chars_per_step / (time.monotonic() - t0))
+            _show_progress(bar, done, n_steps - skip, loss_sum,
+                           done * loop.chars_per_step / (time.monotonic() - t0 - paused))
         if loop.out_of_time():
             out_of_time = True
             break
+        if midway is not None and loop.eval_due(epoch, skip + done):
+            t_eval = time.monotonic()
+            early = midway(EpochResult(loss_sum, done, t_eval - t0 - paused, False, skip))
+            paused += time.monotonic() - t_eval
+            if early:
+                break
     if bar is not None:
         bar.close()
-    return EpochResult(loss_sum, done, time.monotonic() - t0, out_of_time)
+    return EpochResult(loss_sum, done, time.monotonic() - t0 - paused, out_of_time, skip, early)
 
 
 def validate(loop: Loop) -> float:
@@ -414,7 +451,9 @@ def epoch_metrics(loop: Loop, epoch: int, result: EpochResult, val_loss: float, 
         "val_bpc": val_loss / LN2,
         "chars_per_s": result.steps * loop.chars_per_step / max(result.time_s, 1e-9),
         "steps": result.steps,
-        "partial": result.steps < loop.n_steps,
+        "partial": result.step < loop.n_steps,
+        "step_in_epoch": result.step,
+        "epoch_progress": epoch - 1 + result.step / loop.n_steps,
         "epoch_time_s": result.time_s,
         "elapsed_s": time.monotonic() - loop.t_start,
         "best_val_loss": state.best_val_loss,
@@ -424,12 +463,26 @@ def epoch_metrics(loop: Loop, epoch: int, result: EpochResult, val_loss: float, 
     }
 
 
-def _epoch_line(metrics: dict[str, Any], epochs: int, improved: bool) -> str:
+def _epoch_line(metrics: dict[str, Any], epochs: int, improved: bool, n_steps: int) -> str:
+    within = f" step {metrics['step_in_epoch']}/{n_steps}" if metrics["step_in_epoch"] < n_steps else ""
     return (
-        f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.4f}, val_loss {metrics['val_loss']:.4f} "
+        f"epoch {metrics['epoch']}/{epochs}{within}: loss {metrics['loss']:.4f}, val_loss {metrics['val_loss']:.4f} "
         f"nats ({metrics['val_bpc']:.3f} bpc), {metrics['chars_per_s']:,.0f} chars/s"
         + (" [best]" if improved else "")
     )
+
+
+def evaluate(loop: Loop, state: RunState, sink: Sink, epoch: int, result: EpochResult,
+             log: Callable[[str], None], within: bool = False) -> None:
+    """Validate, record, log and hand the metrics and a checkpoint to the sink: at the end of an
+    epoch, or ``within`` it (then the state says how many of its steps are done)."""
+    val_loss = validate(loop)
+    improved = state.record(epoch, val_loss, result.step if within else 0)
+    metrics = epoch_metrics(loop, epoch, result, val_loss, state)
+    state.history.append(metrics)
+    log(_epoch_line(metrics, loop.train_cfg.epochs, improved, loop.n_steps))
+    sink.epoch_end(metrics, loop.saver(metrics, state), improved)
+    loop.last_eval = time.monotonic()
 
 
 def _stop_reason(loop: Loop, state: RunState, result: EpochResult | None = None) -> str:
@@ -461,18 +514,21 @@ def fit(
     train_time, train_chars = 0.0, 0
     stopped_by = _stop_reason(loop, state)
     while stopped_by == "epochs" and state.epoch < train_cfg.epochs:
-        epoch = state.epoch + 1
+        epoch, skip = state.epoch + 1, state.step
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        result = train_epoch(loop, epoch, progress)
+
+        def midway(partial: EpochResult, epoch: int = epoch) -> bool:
+            evaluate(loop, state, sink, epoch, partial, log, within=True)
+            return state.bad_epochs >= train_cfg.patience
+
+        result = train_epoch(loop, epoch, progress, skip, midway)
         train_time += result.time_s
         train_chars += result.steps * loop.chars_per_step
-        val_loss = validate(loop)
-        improved = state.record(epoch, val_loss)
-        metrics = epoch_metrics(loop, epoch, result, val_loss, state)
-        state.history.append(metrics)
-        log(_epoch_line(metrics, train_cfg.epochs, improved))
-        sink.epoch_end(metrics, loop.saver(metrics, state), improved)
+        if result.early_stopped:
+            stopped_by = "early_stopping"
+            break
+        evaluate(loop, state, sink, epoch, result, log)
         stopped_by = _stop_reason(loop, state, result)
     return Summary(
         best_val_loss=state.best_val_loss,
@@ -547,7 +603,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [m["epoch"] for m in history]
+    epochs = [m.get("epoch_progress", m["epoch"]) for m in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(epochs, [m["loss"] for m in history], marker="o", label="train")
     ax.plot(epochs, [m["val_loss"] for m in history], marker="o", label="validation")

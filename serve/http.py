@@ -65,6 +65,7 @@ from serve.engine import Delta, End, Engine, EngineBusy, EngineClosed, Finish, R
 from serve.generator import Generator
 from serve.metrics import Instrumented, Metrics
 from serve.openai_api import CompletionRequest, add_openai_routes, is_openai_path, openai_error
+from serve.page import add_page_route
 from serve.params import (
     DEFAULT_MAX_CHARS,
     DEFAULT_TEMPERATURE,
@@ -395,6 +396,7 @@ def create_app(
     _add_probe_routes(app, state)
     _add_generate_route(app, state, GenerateRequest)
     add_openai_routes(app, state, settings)
+    add_page_route(app)
     return app
 
 
@@ -451,7 +453,8 @@ def _add_exception_handlers(app: FastAPI, state: _State, settings: ServeSettings
 
     @app.exception_handler(EngineClosed)
     async def _closed(request: HTTPRequest, exc: EngineClosed) -> JSONResponse:
-        state.metrics.rejected(503, "shutting_down" if state.engine is not None else "not_loaded")
+        e = state.engine
+        state.metrics.rejected(503, "not_loaded" if e is None else "shutting_down" if e.alive else "engine_failed")
         return error_response(503, f"not accepting requests: {exc}", path=request.url.path,
                               headers={"Retry-After": str(settings.retry_after_s)})
 

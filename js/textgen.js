@@ -174,7 +174,7 @@ export class StopStrings {
 
 /** @param {any} ort @param {string | Uint8Array | ArrayBuffer} source @param {object} [options] */
 async function createSession(ort, source, options = {}) {
-  if (typeof source === 'string' && /^(https?:|blob:|\.?\/)/.test(source) && typeof fetch === 'function' && typeof window !== 'undefined') {
+  if (typeof source === 'string' && typeof window !== 'undefined') { // a URL, relative to the page
     source = new Uint8Array(await (await fetch(source)).arrayBuffer());
   }
   return ort.InferenceSession.create(source, { graphOptimizationLevel: 'all', intraOpNumThreads: 1,

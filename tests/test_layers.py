@@ -69,6 +69,7 @@ RANKS = [
     ("serve.engine",),
     ("serve.auth", "serve.metrics", "serve.streaming"),
     ("serve.openai_api",),
+    ("serve.page",),
     ("serve.http", "serve.server"),
     ("serve.ray_serve",),
     ("export.cli", "serve.cli"),

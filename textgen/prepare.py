@@ -92,31 +92,34 @@ class PrepareOptions:
 
 
 class _Utf8Stream:
-    """Strict incremental UTF-8 decoding of one file that says where a bad byte is."""
+    """Strict incremental UTF-8 decoding of one file that says where a bad byte is (the line and
+    column are counted only then, from the file)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self.offset = 0  # bytes decoded before the next chunk
-        self.lines = 0  # newlines in them
-        self.last_nl = -1  # offset of the last one
 
     def decode(self, chunk: bytes, final: bool) -> str:
         pending = self.decoder.getstate()[0]
         try:
             text = self.decoder.decode(chunk, final)
         except UnicodeDecodeError as e:
-            buf, base = pending + chunk, self.offset - len(pending)
-            nl = buf.rfind(b"\n", 0, e.start)
-            last_nl = base + nl if nl >= 0 else self.last_nl
-            line = self.lines + buf.count(b"\n", 0, e.start) + 1
-            raise not_utf8(self.path, buf[e.start], base + e.start, line, base + e.start - last_nl) from None
-        self.lines += chunk.count(b"\n")
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            self.last_nl = self.offset + nl
+            buf = pending + chunk
+            raise self._where(buf[e.start], self.offset - len(pending) + e.start) from None
         self.offset += len(chunk)
         return text
+
+    def _where(self, byte: int, offset: int) -> TextgenError:
+        lines, last_nl, pos = 0, -1, 0
+        with open(self.path, "rb") as f:
+            while pos < offset:
+                block = f.read(min(BLOCK, offset - pos))
+                lines += block.count(b"\n")
+                nl = block.rfind(b"\n")
+                last_nl = pos + nl if nl >= 0 else last_nl
+                pos += len(block)
+        return not_utf8(self.path, byte, offset, lines + 1, offset - last_nl)
 
 
 def _cut(text: str, block: int) -> int:
@@ -146,7 +149,7 @@ def read_pieces(path: Path, lowercase: bool, on_bytes: Callable[[bytes], None] |
             cut = _cut(text, block) if chunk else len(text)
             text, carry = text[:cut], text[cut:]
             if text:
-                text = text.replace("\r\n", "\n")
+                text = text.replace("\r\n", "\n") if "\r" in text else text
                 yield text.lower() if lowercase else text
             if not chunk:
                 return
@@ -164,6 +167,8 @@ def corpus_pieces(files: Sequence[Path], lowercase: bool, on_bytes=None) -> Iter
 
 
 def code_points(piece: str) -> np.ndarray:
+    if piece.isascii():  # known without a scan; encoding it is a copy
+        return np.frombuffer(piece.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
 
 

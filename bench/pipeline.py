@@ -36,6 +36,21 @@ def _per_element_dataset(ids, seq_len: int, batch: int, epoch: int):
             .prefetch(tf.data.AUTOTUNE))
 
 
+def make_consume():
+    """A ``tf.function`` that takes ``n`` batches from an iterator and touches every one."""
+    import tensorflow as tf
+
+    @tf.function
+    def consume(iterator, n):
+        total = tf.constant(0, tf.int64)
+        for _ in tf.range(n):
+            x, y = next(iterator)
+            total += tf.cast(tf.reduce_sum(x[:, 0]) + tf.reduce_sum(y[:, -1]), tf.int64)
+        return total
+
+    return consume
+
+
 def _pipelines(ids, vocab_size: int, batch: int):
     """name -> epoch -> characters consumed, for our pipeline and the per-element baseline."""
     import numpy as np
@@ -49,13 +64,7 @@ def _pipelines(ids, vocab_size: int, batch: int):
     strategy = tf.distribute.get_strategy()
     n = len(ids) // (cfg.seq_len * batch) - 1
 
-    @tf.function
-    def consume(iterator, n):
-        total = tf.constant(0, tf.int64)
-        for _ in tf.range(n):
-            x, y = next(iterator)
-            total += tf.cast(tf.reduce_sum(x[:, 0]) + tf.reduce_sum(y[:, -1]), tf.int64)
-        return total
+    consume = make_consume()
 
     def ours(epoch):
         ds = _distribute(strategy, lambda shard: train_dataset(ids, cfg, vocab_size, batch, epoch, 0, shard))

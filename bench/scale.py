@@ -122,20 +122,23 @@ def child_pipeline(corpus: str, data: str | None, batch: int = 1024, epochs: int
     lengths = [len(p) for p in d.train_ids] if isinstance(d.train_ids, tuple) else len(d.train_ids)
     n = min(steps_per_epoch(lengths, cfg, batch), 300)
 
-    @tf.function
-    def consume(iterator, n):
-        total = tf.constant(0, tf.int64)
-        for _ in tf.range(n):
-            x, y = next(iterator)
-            total += tf.cast(tf.reduce_sum(x[:, 0]) + tf.reduce_sum(y[:, -1]), tf.int64)
-        return total
-
+    consume = _bench_pipeline().make_consume()  # the same consumer as bench.pipeline
     consume(iter(train_dataset(d.train_ids, cfg, d.vocab.size, batch, 0, 0)), tf.constant(2)).numpy()  # trace
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         consume(iter(train_dataset(d.train_ids, cfg, d.vocab.size, batch, epoch, 0)), tf.constant(n)).numpy()
     return {"chars_per_s": epochs * n * batch * cfg.seq_len / (time.perf_counter() - t0), "batch": batch,
             "steps": n * epochs, "peak_rss_mb": peak_rss_mb()}
+
+
+def _bench_pipeline():
+    """bench/pipeline.py of this tree, by path (a child's ``textgen`` may come from the baseline tree)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("textgen_bench_pipeline", REPO / "bench" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 CHILDREN = {"prepare": child_prepare, "train": child_train, "pipeline": child_pipeline}

@@ -57,3 +57,24 @@ def test_mixed_precision_training_config_keeps_cudnn_and_float32_logits():
     opt = make_optimizer(TrainConfig(mixed_precision=True), num_replicas=8)
     assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
     assert opt.inner_optimizer.global_clipnorm == pytest.approx(5.0 / 8)  # clipnorm shared by replicas
+
+
+def test_workers_get_the_data_location_absolute_and_uris_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert loop_config(_args("--data", "prepared"))["data"] == str(tmp_path / "prepared")
+    assert loop_config(_args("--data", "s3://bucket/data/corpus"))["data"] == "s3://bucket/data/corpus"
+    config = loop_config(_args("--corpus", "a.txt", "--max-vocab", "100", "--min-count", "2"))
+    assert config["data"] is None and (config["max_vocab"], config["min_count"]) == (100, 2)
+
+
+def test_the_driver_checks_a_uri_by_its_dataset_json_only(tmp_path, monkeypatch):
+    from textgen.dataset import DatasetError, check_location
+    from textgen.prepare import PrepareOptions, prepare
+
+    monkeypatch.setenv("TEXTGEN_CACHE", str(tmp_path / "cache"))
+    out, _ = prepare(None, tmp_path / "ds", progress=False)
+    check_location(f"file://{out}", None, PrepareOptions())
+    fetched = next((tmp_path / "cache" / "remote").iterdir())
+    assert sorted(p.name for p in fetched.iterdir()) == ["dataset.json"]  # no shard copied on the driver
+    with pytest.raises(DatasetError, match="not a prepared dataset"):
+        check_location(f"file://{tmp_path}/missing", None, PrepareOptions())

@@ -1192,3 +1192,25 @@ def test_readme_covers_every_manifest_and_dockerfile() -> None:
     for path in MANIFEST_FILES + [d.path for d in dockerfiles()]:
         assert path.name in readme, f"k8s/README.md does not mention {path.name}"
     assert "textgen export" in readme and "/mnt/textgen/models/model.onnx" in readme
+
+
+def test_rayjob_data_is_prepared_where_every_worker_reads_it() -> None:
+    """A RayJob that trains with a local --data has an initContainer running `textgen prepare
+    --out` that same directory, on the volume every Ray pod mounts there (the workers memory-map it)."""
+    from textgen.cli import build_parser as textgen_parser
+
+    for doc in rayjobs():
+        data, name = flag(rayjob_argv(doc), "--data"), doc["metadata"]["name"]
+        if data is None or "://" in data:
+            continue
+        preparing = [(group, pod, c) for group, pod in pod_specs(doc) for c in pod.get("initContainers", [])
+                     if c.get("command", [])[:4] == ["python", "-m", "textgen", "prepare"]]
+        assert preparing, f"{name}: --data {data} but no initContainer runs textgen prepare"
+        group, pod, init = preparing[0]
+        args = textgen_parser().parse_args(init["command"][3:])
+        assert args.out == data, f"{name}/{group}: prepare writes {args.out}, training reads {data}"
+        written = resolve_path(pod, init, data)
+        assert written and written.volume_kind == "persistentVolumeClaim" and not written.read_only
+        for other, other_pod in pod_specs(doc):
+            seen = resolve_path(other_pod, main_container(other_pod), data)
+            assert seen == written, f"{name}/{other}: {data} is not the volume prepare writes"

@@ -70,7 +70,7 @@ def child_env() -> dict[str, str]:
 # Children that need TensorFlow
 
 
-def make_random_model(out: Path) -> None:
+def make_random_model(out: Path, precision: str = "int8") -> None:
     """Export the default preset (Embedding 64 -> 2x256 LSTM) with random weights via the real
     exporter (checkpoint -> ONNX, parity-checked)."""
     import tempfile
@@ -95,7 +95,7 @@ def make_random_model(out: Path) -> None:
             Path(tmp) / "random", model, None, cfg.model, cfg.train, vocab,
             {"note": "random weights, for speed measurements only"}, {"epoch": 0},
         )
-        export_checkpoint(ckpt, out)
+        export_checkpoint(ckpt, out, precision=precision)
 
 
 def notebook_loop(chars: int) -> dict:
@@ -336,13 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-chars", type=int, default=1_000, help="characters per row of the batch run")
     p.add_argument("--notebook-chars", type=int, default=30, help="characters of the notebook loop")
     p.add_argument("--child", choices=("notebook", "random-model"), help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="int8", help=argparse.SUPPRESS)  # of the random-model child
     args = p.parse_args(argv)
 
     if args.child == "notebook":
         emit(notebook_loop(args.notebook_chars))
         return 0
     if args.child == "random-model":
-        make_random_model(args.model)
+        make_random_model(args.model, args.precision)
         emit({"bench": "random_model", "path": str(args.model)})
         return 0
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]

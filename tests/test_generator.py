@@ -485,17 +485,9 @@ def test_metadata_values_out_of_range_are_refused_at_load(tmp_path, small_onnx, 
 def sealed_copy(src: Path, dst: Path, edit) -> Path:
     """A copy of ``src`` changed by ``edit(proto)`` and sealed again like an export (so that the
     check under test is the one after the content hash)."""
-    import onnx
+    from bench.embed import sealed_copy as copy
 
-    from textgen import contract as C
-
-    proto = onnx.load(str(src))
-    edit(proto)
-    for p in proto.metadata_props:
-        if p.key == C.META_CONTENT_SHA256:
-            p.value = C.CONTENT_HASH_PLACEHOLDER
-    dst.write_bytes(C.seal_content_hash(proto.SerializeToString()))
-    return dst
+    return copy(src, dst, edit)
 
 
 def _largest_float_initializer(proto):
@@ -599,24 +591,10 @@ def test_format_2_texts_follow_from_the_documented_hash_alone(gen):
     assert gen.generate_batch(["alice was "] * 4, max_chars=60, temperature=0.9, seed=2**63 - 1)[3] == expected
 
 
-def _as_format_1(proto) -> None:
-    """A format-2 proto made what textgen's version-1 exporter wrote: no metadata_json, no noise key."""
-    from textgen import contract as C
-
-    graph = proto.graph
-    for collection in (graph.output, graph.node, graph.initializer):
-        for item in [x for x in collection if C.METADATA_JSON in getattr(x, "output", [getattr(x, "name", "")])
-                     or getattr(x, "name", "") in (C.METADATA_JSON, "gen_metadata_json")]:
-            collection.remove(item)
-    for p in proto.metadata_props:
-        if p.key == C.META_FORMAT_VERSION:
-            p.value = "1"
-        if p.key == C.META_GENERATION:
-            p.value = json.dumps({k: v for k, v in json.loads(p.value).items() if k != "noise"})
-
-
 def test_a_format_1_file_still_loads_and_keeps_its_pcg64_texts(tmp_path, small_onnx, gen):
-    old = OnnxModel.load(sealed_copy(small_onnx, tmp_path / "v1.onnx", _as_format_1))
+    from bench.embed import as_format_1
+
+    old = OnnxModel.load(sealed_copy(small_onnx, tmp_path / "v1.onnx", as_format_1))
     assert old.info.format_version == 1 and old.info.noise == "numpy-pcg64-gumbel"
     assert [o.name for o in old.session.get_outputs()][-1] == "sampled_ids"
     noise = np.random.default_rng(5).gumbel(size=(80, old.info.vocab_size))

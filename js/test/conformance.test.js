@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 
+import { RUNTIMES } from '../runtimes.js';
 import { encodePrompt, Generator, gumbelOfHash, HashNoise, lowbias32 } from '../textgen.js';
 
 const MODEL = process.env.TEXTGEN_MODEL;
@@ -39,16 +40,7 @@ test('noise samples', { skip }, () => {
   }
 });
 
-const BACKENDS = {
-  'onnxruntime-node': async () => import('onnxruntime-node'),
-  'onnxruntime-web (wasm)': async () => {
-    const ort = await import('onnxruntime-web');
-    ort.env.wasm.numThreads = 1;
-    return ort;
-  },
-};
-
-for (const [name, importOrt] of Object.entries(BACKENDS)) {
+for (const [name, importOrt] of Object.entries(RUNTIMES)) {
   test(`the vectors' texts and first logits with ${name}`, { skip }, async () => {
     const ort = await importOrt();
     const gen = await Generator.load(ort, new Uint8Array(readFileSync(/** @type {string} */ (MODEL))));

@@ -149,3 +149,33 @@ def test_evaluations_within_epochs_checkpoint_and_resume_mid_epoch(tmp_path, mon
     opt = make_optimizer(ckpt.train, 1)
     restore_optimizer(ckpt, opt, load_model(ckpt).trainable_variables)
     assert int(opt.iterations.numpy()) == 126 and ckpt.state["step"] == 0  # no step trained twice
+
+
+def test_evaluations_are_due_by_steps_or_minutes_and_never_at_an_epochs_end():
+    from types import SimpleNamespace
+
+    from textgen.config import TrainConfig
+    from textgen.train import Loop
+
+    asked = []
+
+    def any_true(flag):  # the collective vote: every worker asks at the same steps
+        asked.append(bool(flag))
+        return bool(flag)
+
+    def loop(**cfg):
+        return SimpleNamespace(train_cfg=TrainConfig(**cfg), n_steps=10, steps=SimpleNamespace(any_true=any_true),
+                               last_eval=0.0)
+
+    by_steps = loop(eval_every_steps=4)
+    assert [d for d in range(1, 11) if Loop.eval_due(by_steps, 1, d)] == [4, 8]
+    assert [d for d in range(1, 11) if Loop.eval_due(by_steps, 2, d)] == [2, 6]  # global steps 12 and 16
+    assert not any(Loop.eval_due(loop(), 1, d) for d in range(1, 11)) and asked == []
+    late = loop(eval_every_minutes=1e-9)
+    assert all(Loop.eval_due(late, 1, d) for d in range(1, 10)) and not Loop.eval_due(late, 1, 10)
+    assert len(asked) == 9
+    import time
+
+    soon = loop(eval_every_minutes=60.0)
+    soon.last_eval = time.monotonic()
+    assert not Loop.eval_due(soon, 1, 3)

@@ -10,7 +10,8 @@ means every ``*.txt`` below it, sorted (one that links to a file outside the dir
 several files are joined with a ``\\n`` after any that does not end in one; lowercased unless asked
 not to. The held-out part is the contiguous tail
 (``val_fraction`` of the characters): for the bundled corpus 144,431 characters, of which the last
-14,443 are held out.
+14,443 are held out. Training reads corpora prepared by ``textgen.prepare``, which applies these
+rules while streaming (and holds out the tail of every file: for one file, this same tail).
 """
 
 from __future__ import annotations

@@ -2,9 +2,14 @@
 
 Keras 3 ``model.fit`` fails under MultiWorkerMirroredStrategy with several workers, so the loop is
 written out: ``tf.GradientTape`` inside ``strategy.run``, the loss averaged over the *global* batch,
-Adam with gradient clipping, exact validation loss (a sum over every held-out window, reduced over
-replicas), best checkpoint by validation loss, early stopping, and a wall-clock budget that all
-workers agree on. It knows nothing about Ray: where checkpoints go is the ``sink``'s business.
+Adam with gradient clipping, exact validation loss (a sum over the held-out windows -- every one,
+or a fixed sample of ``val_chars`` target characters of a large split -- reduced over replicas),
+best checkpoint by validation loss, early stopping, and a wall-clock budget that all workers agree
+on. Evaluations (validate, report, checkpoint) come at every epoch's end and, with
+``eval_every_steps`` / ``eval_every_minutes``, within epochs; a checkpoint taken within an epoch
+resumes at its step. The data is a prepared dataset (``textgen.dataset``): memory-mapped shards,
+never the corpus in memory. It knows nothing about Ray: where checkpoints go is the ``sink``'s
+business.
 """
 
 from __future__ import annotations

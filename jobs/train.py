@@ -10,6 +10,11 @@ Ray keeps the best checkpoints by ``val_loss`` (and always the latest), restarts
 up to ``--max-failures`` times from the latest checkpoint, and a driver started again with the same
 ``--storage-path`` and ``--name`` continues the run.
 
+Data: ``--data`` is a dataset made by ``textgen prepare`` -- a directory every node mounts at the
+same path (the workers memory-map its shards), or an ``s3://`` / ``gs://`` URI (each worker copies
+the shards to its local disk once, sha256-checked). ``--corpus`` (or nothing: the bundled corpus) is
+prepared by the driver into its cache, and again by each worker on a node that has no copy yet.
+
     python -m jobs.train --preset default --max-minutes 10                 # local Ray, 2 workers
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train ...  # a cluster
 
@@ -157,7 +162,8 @@ def _worker_data(config: dict[str, Any], rank: int, model_cfg, train_cfg):
     except TextgenError as e:  # e.g. the corpus is on the driver's machine but not on this node
         raise TextgenError(
             f"worker rank {rank} on node {ray.util.get_node_ip_address()}: {e} (every worker reads the "
-            "data itself: put it on storage all nodes mount at the same path, an s3:// or gs:// URI, or the image)"
+            "corpus itself: put it on storage all nodes mount at the same path, or in the image; or prepare it "
+            "once and pass --data, a shared directory or an s3:// or gs:// URI)"
         ) from None
 
 

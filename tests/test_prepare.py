@@ -166,3 +166,12 @@ def test_cli_prepare_prints_json_and_reuses(tmp_path):
     json.loads((tmp_path / "ds" / "dataset.json").read_text())
     code, _, stderr = run_cli(["prepare", "/nonexistent.txt", "--out", str(tmp_path / "x")])
     assert code == 2 and "does not exist" in stderr
+
+
+def test_reuse_needs_every_shard_and_force_prepares_again(tmp_path):
+    out, _ = prepare(None, tmp_path / "ds", progress=False)
+    (out / "val-00000.bin").unlink()
+    out, reused = prepare(None, tmp_path / "ds", progress=False)
+    assert not reused and open_dataset(out).n_val == 14_443
+    assert not prepare(None, tmp_path / "ds", progress=False, force=True)[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary or old copy left

@@ -89,7 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     opts = PrepareOptions(lowercase=args.lowercase, val_fraction=args.val_fraction, max_vocab=args.max_vocab,
                           min_count=args.min_count, shard_mb=args.shard_mb)
-    out, reused = prepare(args.corpus, args.out, opts, progress=args.progress, log=eprint)
+    out, reused = prepare(args.corpus, args.out, opts, progress=args.progress, log=eprint, force=args.force)
     if reused:
         eprint(f"{out} is up to date (same sources and options): reused")
     meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
@@ -109,6 +109,7 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vocab", type=int, help="keep at most N characters, U+FFFD for the rest included")
     p.add_argument("--min-count", type=int, default=1, help="map characters seen fewer times to U+FFFD")
     p.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="prepare again even if --out is up to date")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

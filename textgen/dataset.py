@@ -77,7 +77,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def _check_shard(path: Path, shard: dict[str, Any], verify: bool) -> None:
-    again = "prepare the dataset again (textgen prepare)"
+    again = "prepare it again (textgen prepare --force; a cache directory can simply be deleted)"
     if not path.is_file():
         raise DatasetError(f"shard {path} is missing; {again}")
     if path.stat().st_size != shard["bytes"]:

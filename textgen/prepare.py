@@ -27,7 +27,8 @@ keeps every file's beginning in training and its end held out. Training windows 
 so no window crosses a split or a shard boundary.
 
 Written to a temporary sibling directory and renamed into place; a disk that fills up removes it.
-Run again with unchanged sources (path, size, mtime) and options, the directory is reused.
+Run again with unchanged sources (path, size, mtime) and options, the directory is reused (unless
+``--force``; a shard missing or of the wrong size prepares it again).
 """
 
 from __future__ import annotations
@@ -360,18 +361,23 @@ def _describe(c: Census, vocab: Vocab, dropped: list[str], opts: PrepareOptions,
 
 
 def existing_fingerprint(out: Path) -> str | None:
+    """The fingerprint of the dataset in ``out`` if it is complete (every shard there, of its size)."""
     try:
-        return json.loads((out / DATASET_JSON).read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((out / DATASET_JSON).read_text(encoding="utf-8"))
+        complete = all((out / sh["file"]).stat().st_size == sh["bytes"] for sh in meta["shards"])
+        return meta["fingerprint"] if complete else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
 
 
 def prepare(corpus: Sequence[str | Path] | None, out: str | Path, opts: PrepareOptions = PrepareOptions(),
-            progress: bool = True, log: Callable[[str], None] = lambda s: None) -> tuple[Path, bool]:
-    """Prepare ``corpus`` (the bundled one when empty) into ``out``; (out, whether it was reused)."""
+            progress: bool = True, log: Callable[[str], None] = lambda s: None,
+            force: bool = False) -> tuple[Path, bool]:
+    """Prepare ``corpus`` (the bundled one when empty) into ``out``; (out, whether it was reused).
+    ``force`` prepares again even when the sources and options are unchanged."""
     files, out = resolve_sources(corpus), Path(out)
     fp = fingerprint(files, opts)
-    if existing_fingerprint(out) == fp:
+    if not force and existing_fingerprint(out) == fp:
         return out, True
     if out.exists() and not (out / DATASET_JSON).is_file():
         raise PrepareError(f"--out {out} exists and is not a prepared dataset; choose another --out")
@@ -409,12 +415,9 @@ def _prepare_into(tmp: Path, files: list[Path], opts: PrepareOptions, fp: str, p
 
 
 def _install(tmp: Path, out: Path, fp: str) -> None:
-    """Rename into place; an older dataset there is replaced, one that another process just wrote
-    with the same fingerprint is kept (ours is discarded)."""
+    """Rename into place; an older dataset there is replaced; when another process renames its own
+    copy (the same fingerprint) into place first, that one is kept (ours is discarded)."""
     if out.exists():
-        if existing_fingerprint(out) == fp:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
         old = temp_sibling(out, "old")
         os.replace(out, old)
         shutil.rmtree(old, ignore_errors=True)

@@ -121,7 +121,7 @@ class Batch:
         new = self.model.settings(len(rows), [p.temperature for p in params], [p.top_k for p in params],
                                   [p.top_p for p in params])
         self.settings = {k: np.concatenate([self.settings[k], new[k]]) for k in self.settings}
-        self.noise.extend([row_rng(r.seed, r.params.greedy, self.model.info.noise) for r in rows])
+        self.noise.extend([row_rng(r.seed, r.params.greedy, self.model.info.noise, r.params.max_chars) for r in rows])
         ends: dict[frozenset, np.ndarray] = {}  # one mask per distinct set of last characters
         for p in params:
             last = p.stops.last_chars

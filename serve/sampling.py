@@ -68,18 +68,33 @@ def lowbias32(x: np.ndarray) -> np.ndarray:
 
 class HashNoise:
     """A row's ``textgen-hash32-gumbel-v1`` noise: ``gumbel(size=(K, V))`` gives the noise of its next
-    K positions (``textgen.contract.hash_gumbel`` for each, vectorized)."""
+    K positions (``textgen.contract.hash_gumbel`` for each, vectorized). Positions are computed
+    ``LOOKAHEAD`` at a time (a numpy call costs about the same for one position as for many), never
+    past ``limit`` (the row's ``max_chars``, when known)."""
 
-    def __init__(self, seed: int) -> None:
+    LOOKAHEAD = 128
+
+    def __init__(self, seed: int, limit: int | None = None) -> None:
         r = seed % (1 << 64)
         lo, hi = np.array([r & 0xFFFFFFFF, r >> 32], np.uint32)
         self.key = lowbias32(lowbias32(np.array([lo ^ np.uint32(HASH_SALT)], np.uint32)) ^ hi)
-        self.position = 0
+        self.position = 0  # of the next value handed out
+        self.limit = limit
+        self._ahead = np.zeros((0, 0), np.float32)  # positions self.position ... computed already
 
     def gumbel(self, size: tuple[int, int]) -> np.ndarray:
         steps, vocab_size = size
-        j = np.arange(self.position, self.position + steps, dtype=np.uint64).astype(np.uint32)
+        if len(self._ahead) < steps or self._ahead.shape[1] != vocab_size:
+            more = max(steps, self.LOOKAHEAD)
+            if self.limit is not None:
+                more = max(steps, min(more, self.limit - self.position))
+            self._ahead = self._block(self.position, more, vocab_size)
+        out, self._ahead = self._ahead[:steps], self._ahead[steps:]
         self.position += steps
+        return out
+
+    def _block(self, start: int, steps: int, vocab_size: int) -> np.ndarray:
+        j = np.arange(start, start + steps, dtype=np.uint64).astype(np.uint32)
         h = lowbias32(lowbias32(self.key ^ j)[:, None] ^ np.arange(vocab_size, dtype=np.uint32))
         return gumbel_of_bits(h >> np.uint32(8))
 
@@ -148,11 +163,12 @@ class RowNoise:
         self.rngs += list(rngs)
 
 
-def row_rng(seed: int | None, greedy: bool, noise: str = NOISE_HASH32) -> HashNoise | np.random.Generator | None:
+def row_rng(seed: int | None, greedy: bool, noise: str = NOISE_HASH32, limit: int | None = None
+            ) -> HashNoise | np.random.Generator | None:
     """A row's noise source of the algorithm ``noise``: None for a greedy row (it draws nothing),
-    else seeded by ``seed`` (None: fresh entropy)."""
+    else seeded by ``seed`` (None: fresh entropy); ``limit``: the row's max_chars, if known."""
     if greedy:
         return None
     if noise == NOISE_PCG64:
         return np.random.default_rng(seed)
-    return HashNoise(secrets.randbits(64) if seed is None else seed)
+    return HashNoise(secrets.randbits(64) if seed is None else seed, limit)

@@ -355,3 +355,13 @@ def test_row_sources_follow_the_file_noise():
     assert isinstance(row_rng(3, False), HashNoise)
     assert isinstance(row_rng(3, False, "numpy-pcg64-gumbel"), np.random.Generator)
     assert isinstance(row_rng(None, False), HashNoise) and row_rng(None, True, "textgen-hash32-gumbel-v1") is None
+
+
+@pytest.mark.parametrize("limit", [None, 1, 5, 200])
+def test_hash_noise_is_the_same_whatever_the_lookahead_and_limit(limit):
+    from serve.sampling import HashNoise
+
+    whole = HashNoise(11).gumbel(size=(300, 7))
+    source = HashNoise(11, limit)
+    pieces = [source.gumbel(size=(k, 7)) for k in (1, 0, 4, 130, 2, 163)]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)

@@ -3,7 +3,9 @@
 no external scripts or styles. ``add_page_route(app)`` registers it.
 
 The page marks its state for tests and scripts: ``#out`` holds the text so far and gets
-``data-done="1"`` when the stream ends (``data-error`` with the message on a failure).
+``data-done="1"`` when the stream ends (``data-error`` with the message on a failure),
+``data-first-ms`` the milliseconds from the click to the first character; ``<body data-ready-ms>``
+the milliseconds from navigation to a usable form.
 """
 
 from __future__ import annotations
@@ -62,19 +64,23 @@ async function* events(response) {
 async function generate(e) {
   e.preventDefault();
   const out = $('out'), started = performance.now();
-  out.textContent = ''; delete out.dataset.done; delete out.dataset.error;
+  out.textContent = ''; delete out.dataset.done; delete out.dataset.error; delete out.dataset.firstMs;
   const response = await fetch('/v1/generate', { method: 'POST', headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify(request()) });
   if (!response.ok) { out.dataset.error = (await response.json()).error; out.textContent = out.dataset.error; return; }
   $('status').textContent = 'seed ' + response.headers.get('X-Textgen-Seed');
   for await (const { event, data } of events(response)) {
-    if (event === 'delta' && data.index === 0) out.textContent += data.text;
+    if (event === 'delta' && data.index === 0) {
+      if (!out.dataset.firstMs) out.dataset.firstMs = performance.now() - started;
+      out.textContent += data.text;
+    }
     if (event === 'error') out.dataset.error = data.error;
   }
   $('status').textContent += ' · ' + Math.round(performance.now() - started) + ' ms';
   out.dataset.done = '1';
 }
 $('form').addEventListener('submit', generate);
+document.body.dataset.readyMs = performance.now();
 </script>
 </body></html>
 """

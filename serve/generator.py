@@ -20,8 +20,9 @@ their last character are consumed first (one call per prompt length, from the ze
 all running rows sample in one call per chunk, fed their pending character (the prompt's last one
 at first); rows that finish leave the batch.
 
-Determinism: each row's ``numpy.random.Generator`` gives the graph K x V Gumbel numbers per call, in
-order (``sampling.RowNoise``), and the graph computes every row exactly as if it were alone, so the
+Determinism: each row's noise source gives the graph K x V Gumbel numbers per call, in order
+(``sampling.RowNoise``; format 2: a hash of seed, position and character, docs/format.md; format 1:
+numpy PCG64), and the graph computes every row exactly as if it were alone, so the
 text depends on the seed and the arguments only, not on the chunk size or the batch: row i with
 ``seed=s`` makes exactly the text of ``generate(prompts[i], seed=s + i)`` (or ``seed=seeds[i]``
 for a list), and the HTTP engine makes that text too.

@@ -253,6 +253,16 @@ function freshSeed() {
   return (BigInt(words[0] & 0x7fffffff) << 32n) | BigInt(words[1]);
 }
 
+/** The rules of serve.params, for the settings a port passes to the graph. @param {Options} o */
+export function checkOptions(o) {
+  const bad = (/** @type {string} */ what) => { throw new RangeError(what); };
+  if (o.maxChars !== undefined && !(Number.isInteger(o.maxChars) && o.maxChars >= 0)) bad(`maxChars must be an integer >= 0, got ${o.maxChars}`);
+  if (o.temperature !== undefined && !(Number.isFinite(o.temperature) && o.temperature >= 0)) bad(`temperature must be >= 0 (0 = greedy), got ${o.temperature}`);
+  if (o.topK !== undefined && !(Number.isInteger(o.topK) && o.topK >= 0)) bad(`topK must be an integer >= 0 (0 = off), got ${o.topK}`);
+  if (o.topP !== undefined && !(o.topP > 0 && o.topP <= 1)) bad(`topP must be in (0, 1] (1 = off), got ${o.topP}`);
+  if (o.seed !== undefined && !(BigInt(o.seed) >= 0n)) bad(`seed must be an integer >= 0, got ${o.seed}`);
+}
+
 export class Generator {
   /** @param {Model} model @param {{chunkSize?: number}} [options] */
   constructor(model, options = {}) {
@@ -269,6 +279,7 @@ export class Generator {
 
   /** The continuation of `prompt` (the prompt not included). @param {string} prompt @param {Options} [opts] */
   async generate(prompt = '', opts = {}) {
+    checkOptions(opts);
     const maxChars = opts.maxChars ?? 500, temperature = opts.temperature ?? 0.8;
     const settings = { temperature, topK: opts.topK ?? 0, topP: opts.topP ?? 1 };
     const stops = new StopStrings(opts.stop);

@@ -59,3 +59,11 @@ for (const [name, importOrt] of Object.entries(RUNTIMES)) {
 
 /** @param {Generator} gen @param {any} c */
 function encodeFor(gen, c) { return encodePrompt(gen.info, c.prompt, jsOptions(c.options)); }
+
+test('settings outside the Python rules are refused before any call', async () => {
+  const { checkOptions } = await import('../textgen.js');
+  for (const bad of [{ temperature: -1 }, { topK: 1.5 }, { topP: 0 }, { topP: 1.2 }, { maxChars: -3 }, { seed: -1 }]) {
+    assert.throws(() => checkOptions(bad), RangeError, JSON.stringify(bad));
+  }
+  checkOptions({ temperature: 0, topK: 0, topP: 1, maxChars: 0, seed: '9223372036854775807' });
+});

@@ -5,8 +5,12 @@ reads, defined once. Standard library only: training, export and serving all imp
               sample_noise (B, K, V) float32 (standard Gumbel noise; zeros for greedy rows);
               temperature (B,) float32 (<= 0: greedy), top_k (B,) int64 (<= 0: off),
               top_p (B,) float32 (>= 1: off)
-    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32; sampled_ids (B, K) int32
+    outputs   logits (B, T, V) float32; h_i_out, c_i_out (B, H_i) float32; sampled_ids (B, K) int32;
+              metadata_json (N,) uint8 (format 2: the metadata as UTF-8 JSON, for bindings that
+              cannot read metadata_props)
     metadata  ``textgen.*`` keys (``METADATA_KEYS``), JSON strings
+
+docs/format.md is this contract written out for ports (the noise, the sampling rule, versions).
 
 B, T and K are free. With K = 0 one call is the plain step model: the logits of every position and
 the state after ``char_ids``. With K > 0 the graph also samples K characters per row; the state

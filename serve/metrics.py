@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.engine import Engine
 
-ROUTES = frozenset({"/v1/generate", "/v1/completions", "/v1/models", "/v1/model", "/v1/stats", "/healthz",
+ROUTES = frozenset({"/", "/v1/generate", "/v1/completions", "/v1/models", "/v1/model", "/v1/stats", "/healthz",
                     "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 # Seconds: a first character comes in milliseconds, a whole request in up to minutes.
 FIRST_CHAR_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

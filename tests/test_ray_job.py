@@ -230,3 +230,21 @@ def test_ray_job_submit_two_workers(ray_head, corpus, tmp_path):
     assert history[-1]["val_loss"] < history[0]["val_loss"]  # validation loss falls
     # Both ranks hold identical weights after every epoch (gathered fingerprints agree exactly).
     assert all(m["replicas"] == 2 and m["replica_weight_spread"] == 0.0 for m in history)
+
+
+def test_two_workers_train_on_a_prepared_dataset_from_a_uri(corpus, tmp_path):
+    """`textgen prepare` once, then every worker fetches the shards from a file:// URI (as from
+    s3://) into its own cache, checks them and trains with validation within epochs."""
+    data = tmp_path / "prepared"
+    prep = subprocess.run([sys.executable, "-m", "textgen", "prepare", str(corpus), "--out", str(data),
+                           "--no-progress"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    args = _job_args(corpus, tmp_path / "runs", "from-uri", 2, "--eval-every-steps", "10")
+    i = args.index("--corpus")
+    args[i:i + 2] = ["--data", f"file://{data}"]
+    result = _result(_run_job(args, env=_env(TEXTGEN_CACHE=str(tmp_path / "cache"))))
+    ckpt = Path(result["best_checkpoint"])
+    history = _history(ckpt)
+    assert result["epochs"] == 2 and any(m["partial"] for m in history) and not history[-1]["partial"]
+    fetched = next((tmp_path / "cache" / "remote").iterdir())
+    assert sorted(p.name for p in fetched.iterdir()) == ["dataset.json", "train-00000.bin", "val-00000.bin"]

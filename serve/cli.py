@@ -105,6 +105,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="uvicorn's log level; info includes one access line per request (default: %(default)s)")
 
 
+def add_vectors_args(p: argparse.ArgumentParser) -> None:
+    from serve.vectors import add_args
+
+    add_args(p)
+
+
+def vectors_main(args: argparse.Namespace) -> int:
+    from serve.vectors import run
+
+    return report_errors(run, args)
+
+
 def generate_main(args: argparse.Namespace) -> int:
     return report_errors(_generate, args)
 

@@ -1,8 +1,8 @@
 """Conformance vectors: cases (prompt, settings, seed) with the text the Python generator makes and
 the logits after the prompt, for any port of the generator to run (docs/format.md, "Conformance").
 
-    python -m serve.vectors model.onnx --out vectors.json     # write them
-    python -m serve.vectors model.onnx --check vectors.json   # run them against this generator
+    textgen vectors model.onnx --out vectors.json     # write them (or python -m serve.vectors ...)
+    textgen vectors model.onnx --check vectors.json   # run them against this generator
 
 The file: {"format": VECTORS_FORMAT, "model_sha256", "noise", "gumbel_table_sha256", "noise_samples":
 [{"seed", "position", "index", "value"}], "cases": [{"prompt", "options", "text", "first_logits",
@@ -17,14 +17,16 @@ import argparse
 import hashlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serve.generator import Generator
 from textgen import contract as C
 from textgen.errors import TextgenError, report_errors
 from textgen.files import atomic_write
+
+if TYPE_CHECKING:  # the generator loads onnxruntime: imported when a command runs
+    from serve.generator import Generator
 
 VECTORS_FORMAT = "textgen-conformance-v1"
 LOGITS_TOLERANCE = 1e-4  # another runtime's kernels may round differently; the texts must not differ
@@ -80,16 +82,23 @@ def check_vectors(gen: Generator, vectors: dict[str, Any]) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.vectors", description=__doc__.split("\n\n")[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the exported model (.onnx)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", help="write the vectors (JSON) here")
     group.add_argument("--check", help="run these vectors against this generator")
-    return report_errors(_run, p.parse_args(argv))
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.vectors", description=__doc__.split("\n\n")[0])
+    add_args(p)
+    return report_errors(run, p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write (``--out``) or check (``--check``) the vectors of ``args.model``."""
+    from serve.generator import Generator
+
     gen = Generator.load(args.model)
     if args.out:
         vectors = make_vectors(gen)

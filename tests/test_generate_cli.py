@@ -158,3 +158,16 @@ def test_eval_refuses_metadata_out_of_range(tmp_path, small_onnx, key, change, n
                 p.value = json.dumps({**json.loads(p.value), **change})
 
     assert_user_error(textgen("eval", sealed_copy(small_onnx, tmp_path / "m.onnx", edit), "--corpus", BUNDLED), needle)
+
+
+def test_vectors_are_written_and_checked_by_textgen_vectors(tmp_path, small_onnx):
+    out = tmp_path / "vectors.json"
+    proc = textgen("vectors", str(small_onnx), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"path": str(out), "cases": 9}
+    proc = textgen("vectors", str(small_onnx), "--check", str(out))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["problems"] == 0, proc.stderr
+    vectors = json.loads(out.read_text(encoding="utf-8"))
+    vectors["cases"][0]["text"] = "no"
+    out.write_text(json.dumps(vectors), encoding="utf-8")
+    assert_user_error(textgen("vectors", str(small_onnx), "--check", str(out)), "case 0: text differs")

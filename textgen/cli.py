@@ -132,6 +132,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from serve.cli import vectors_main
+
+    return vectors_main(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.cli import serve_main
 
@@ -153,12 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     from export.cli import add_export_args
-    from serve.cli import add_eval_args, add_generate_args, add_serve_args
+    from serve.cli import add_eval_args, add_generate_args, add_serve_args, add_vectors_args
 
     for name, help_, add_args, func in (
         ("export", "export a checkpoint to one ONNX file (needs the train extra)", add_export_args, cmd_export),
         ("generate", "generate text from an ONNX model (no TensorFlow)", add_generate_args, cmd_generate),
         ("eval", "held-out loss of an ONNX model on a corpus", add_eval_args, cmd_eval),
+        ("vectors", "write or check conformance vectors of an ONNX model (docs/format.md)", add_vectors_args,
+         cmd_vectors),
         ("serve", "HTTP generation service on uvicorn (needs the serve extra; no TensorFlow)", add_serve_args,
          cmd_serve),
     ):

@@ -61,6 +61,27 @@ def format_1_copy(src: Path, dst: Path) -> Path:
     return sealed_copy(src, dst, as_format_1)
 
 
+def interleaved(models: dict[str, Path], chars: int, rounds: int) -> dict:
+    """Single-stream chars/s of several files, their runs taking turns (round-robin, ``rounds``
+    times): a busy moment of the machine hurts each alike. Best and median per file."""
+    import statistics
+    import time
+
+    from serve import Generator
+
+    gens = {label: Generator.load(path) for label, path in models.items()}
+    speeds: dict[str, list[float]] = {label: [] for label in gens}
+    for r in range(rounds + 1):
+        for label, gen in gens.items():
+            t0 = time.perf_counter()
+            n = len(gen.generate("alice ", max_chars=chars, temperature=0.8, seed=r))
+            if r:  # the first round warms up
+                speeds[label].append(n / (time.perf_counter() - t0))
+    return {"bench": "noise_interleaved", "chars": chars, "rounds": rounds,
+            **{label: {"chars_per_s": max(v), "p75_chars_per_s": statistics.quantiles(v, n=4)[2],
+                       "median_chars_per_s": statistics.median(v)} for label, v in speeds.items()}}
+
+
 def python_single(model: Path, label: str, chars: int, repeats: int) -> dict:
     from serve import Generator
 
@@ -92,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             run_child(["--child", "random-model", "--model", str(path), "--precision", precision])
     with tempfile.TemporaryDirectory() as tmp:
         old = format_1_copy(model, Path(tmp) / "format1.onnx")
-        for _ in range(2):  # alternate, so that a busy moment hurts both
-            emit(python_single(model, "format 2 (hash noise)", args.chars, args.repeats))
-            emit(python_single(old, "format 1 (PCG64 noise)", args.chars, args.repeats))
+        emit(interleaved({"format 2 (hash noise)": model, "format 1 (PCG64 noise)": old}, 4000, 40))
+        emit(python_single(model, "format 2 (hash noise)", args.chars, args.repeats))
     if fp32 is not None:
         emit(python_single(fp32, "fp32", args.chars, args.repeats))
     for row in js_single(model, args.chars, args.repeats) + (js_single(fp32, args.chars, args.repeats) if fp32 else []):

@@ -175,3 +175,26 @@ def test_reuse_needs_every_shard_and_force_prepares_again(tmp_path):
     assert not reused and open_dataset(out).n_val == 14_443
     assert not prepare(None, tmp_path / "ds", progress=False, force=True)[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary or old copy left
+
+
+def test_only_two_characters_lowercase_other_than_one_by_one():
+    import sys
+
+    special = [chr(i) for i in range(sys.maxunicode + 1)
+               if not 0xD800 <= i <= 0xDFFF and len(chr(i).lower()) != 1]
+    assert special == ["\u0130"] and "AΣ".lower() == "aς" != "a" + "Σ".lower()  # the final sigma
+    assert set(prep.CONTEXTUAL_LOWER) == {"\u0130", "\u03a3"}
+
+
+@pytest.mark.parametrize("block", [16, 1 << 20])
+def test_mixed_pieces_prepare_to_the_in_memory_ids(tmp_path, monkeypatch, block):
+    lines = ["Plain ASCII line.", "Café ÄÖÜ straße", "ΟΔΟΣ ΣΑΣ Σ", "İstanbul İ", "ÉCOLE Ωmega"] * 40
+    f = tmp_path / "mixed.txt"
+    f.write_text("\r\n".join(lines), encoding="utf-8")
+    monkeypatch.setattr(prep, "BLOCK", block)
+    out, _ = prepare([f], tmp_path / "ds", progress=False)
+    text = load_corpus([f]).text
+    vocab = Vocab.from_text(text)
+    train, val = split_ids(vocab.encode(text), 0.1, 10)
+    assert open_dataset(out).vocab == vocab
+    assert np.array_equal(_ids(out, "train"), train) and np.array_equal(_ids(out, "val"), val)

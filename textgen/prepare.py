@@ -135,9 +135,30 @@ def _cut(text: str, block: int) -> int:
     return len(text) - text.endswith("\r")
 
 
+# The only characters whose ``str.lower`` is not one character of its own: U+0130 (two characters)
+# and U+03A3 (a final sigma depends on its neighbours). A piece without them is lowercased one
+# character at a time, through the id table, instead of by ``str.lower``.
+CONTEXTUAL_LOWER = ("\u0130", "\u03a3")
+
+
 def read_pieces(path: Path, lowercase: bool, on_bytes: Callable[[bytes], None] | None = None,
                 block: int | None = None) -> Iterator[str]:
     """The normalised text of one file in pieces of about ``block`` characters or fewer."""
+    for piece, later in _pieces(path, lowercase, on_bytes, block):
+        yield piece.lower() if later else piece
+
+
+def _lowered(text: str, lowercase: bool) -> tuple[str, bool]:
+    """(text, whether it is still to be lowercased one character at a time)."""
+    if not lowercase:
+        return text, False
+    if any(c in text for c in CONTEXTUAL_LOWER):
+        return text.lower(), False
+    return text, True
+
+
+def _pieces(path: Path, lowercase: bool, on_bytes: Callable[[bytes], None] | None,
+            block: int | None) -> Iterator[tuple[str, bool]]:
     stream, carry, first, block = _Utf8Stream(path), "", True, block or BLOCK
     with open(path, "rb") as f:
         while True:
@@ -150,21 +171,21 @@ def read_pieces(path: Path, lowercase: bool, on_bytes: Callable[[bytes], None] |
             cut = _cut(text, block) if chunk else len(text)
             text, carry = text[:cut], text[cut:]
             if text:
-                text = text.replace("\r\n", "\n") if "\r" in text else text
-                yield text.lower() if lowercase else text
+                yield _lowered(text.replace("\r\n", "\n") if "\r" in text else text, lowercase)
             if not chunk:
                 return
 
 
-def corpus_pieces(files: Sequence[Path], lowercase: bool, on_bytes=None) -> Iterator[tuple[int, str]]:
-    """(file index, piece) over every file, with the joining newline of ``textgen.text.read_corpus``."""
+def corpus_pieces(files: Sequence[Path], lowercase: bool, on_bytes=None) -> Iterator[tuple[int, str, bool]]:
+    """(file index, piece, whether it is still to be lowercased one character at a time) over every
+    file, with the joining newline of ``textgen.text.read_corpus``."""
     for i, f in enumerate(files):
         last = ""
-        for piece in read_pieces(f, lowercase, None if on_bytes is None else on_bytes(i)):
+        for piece, later in _pieces(f, lowercase, None if on_bytes is None else on_bytes(i), None):
             last = piece[-1]
-            yield i, piece
+            yield i, piece, later
         if last and last != "\n" and len(files) > 1:
-            yield i, "\n"
+            yield i, "\n", False
 
 
 def code_points(piece: str) -> np.ndarray:
@@ -183,6 +204,7 @@ class Census:
     sha256: list[str]
     chars: list[int]  # characters per file, after normalisation
     counts: dict[str, int]  # character -> occurrences
+    later: list[str]  # characters of the pieces lowercased one character at a time (not yet lowered)
 
     @property
     def total(self) -> int:
@@ -204,12 +226,15 @@ def census(files: Sequence[Path], lowercase: bool, progress: Callable[[int], Non
             progress(len(chunk))
         return update
 
-    chars, counts = [0] * len(files), {}
-    for i, piece in corpus_pieces(files, lowercase, on_bytes):
+    chars, counts, raw = [0] * len(files), {}, {}
+    for i, piece, later in corpus_pieces(files, lowercase, on_bytes):
         chars[i] += len(piece)
-        _bincount_into(counts, code_points(piece))
-    by_char = {chr(c): n for c, n in sorted(counts.items())}
-    return Census(list(files), [h.hexdigest() for h in hashes], chars, by_char)
+        _bincount_into(raw if later else counts, code_points(piece))
+    by_char: dict[str, int] = {}
+    for c, n in [*((chr(c), n) for c, n in counts.items()), *((chr(c).lower(), n) for c, n in raw.items())]:
+        by_char[c] = by_char.get(c, 0) + n
+    return Census(list(files), [h.hexdigest() for h in hashes], chars, dict(sorted(by_char.items())),
+                  [chr(c) for c in sorted(raw)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +264,13 @@ def choose_vocab(counts: dict[str, int], opts: PrepareOptions, files: Sequence[s
     return Vocab(tuple(sorted(set(kept) | {UNKNOWN}))), dropped
 
 
-def id_table(vocab: Vocab, counts: dict[str, int]) -> np.ndarray:
-    """Code point -> id for every character of the corpus; dropped ones -> the unknown id."""
-    dtype = id_dtype(vocab.size)
-    table = np.zeros(max(map(ord, counts)) + 1, dtype=dtype)
+def id_table(vocab: Vocab, chars: Sequence[str], lower: bool = False) -> np.ndarray:
+    """Code point -> id for each of ``chars`` (of its lowercase with ``lower``); dropped
+    characters -> the unknown id."""
+    table = np.zeros(max(map(ord, chars), default=0) + 1, dtype=id_dtype(vocab.size))
     unknown = vocab.index.get(UNKNOWN, 0)  # type: ignore[attr-defined]
-    for c in counts:
-        table[ord(c)] = vocab.index.get(c, unknown)  # type: ignore[attr-defined]
+    for c in chars:
+        table[ord(c)] = vocab.index.get(c.lower() if lower else c, unknown)  # type: ignore[attr-defined]
     return table
 
 
@@ -294,18 +319,19 @@ class ShardWriter:
         return self.shards
 
 
-def write_shards(directory: Path, c: Census, table: np.ndarray, opts: PrepareOptions, lowercase: bool,
+def write_shards(directory: Path, c: Census, vocab: Vocab, opts: PrepareOptions,
                  progress: Callable[[int], None]) -> list[dict[str, Any]]:
     """Pass 2: every file's head into train shards, its held-out tail into val shards."""
     max_bytes = int(opts.shard_mb * (1 << 20))
-    writers = {s: ShardWriter(directory, s, table.dtype, max_bytes) for s in SPLITS}
+    tables = {False: id_table(vocab, list(c.counts)), True: id_table(vocab, c.later, lower=True)}
+    writers = {s: ShardWriter(directory, s, tables[False].dtype, max_bytes) for s in SPLITS}
     try:
         pos, current = 0, -1
-        for i, piece in corpus_pieces(c.files, lowercase, lambda i: progress):
+        for i, piece, later in corpus_pieces(c.files, opts.lowercase, lambda i: progress):
             if i != current:
                 pos, current = 0, i
                 head = c.chars[i] - held_out_length(c.chars[i], opts.val_fraction)
-            ids = table[code_points(piece)]
+            ids = tables[later][code_points(piece)]
             cut = min(max(head - pos, 0), len(ids))
             writers["train"].write(ids[:cut])
             writers["val"].write(ids[cut:])
@@ -407,7 +433,7 @@ def _prepare_into(tmp: Path, files: list[Path], opts: PrepareOptions, fp: str, p
         c = census(files, opts.lowercase, bar.update)
     vocab, dropped = choose_vocab(c.counts, opts, [str(f) for f in files])
     with _progress_bar(size, "prepare 2/2 (encode)", progress) as bar:
-        shards = write_shards(tmp, c, id_table(vocab, c.counts), opts, opts.lowercase, bar.update)
+        shards = write_shards(tmp, c, vocab, opts, bar.update)
     meta = _describe(c, vocab, dropped, opts, shards, fp)
     (tmp / DATASET_JSON).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     fsync_dir(tmp)

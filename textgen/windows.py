@@ -96,12 +96,14 @@ def lengths_of(n_ids: Lengths) -> list[int]:
 
 def _starts(n_ids: Lengths, cfg: ModelConfig, offset: int = 0) -> np.ndarray:
     """Start positions from ``offset`` on in every part, one stride apart, of every window that fits
-    in its part (positions in the parts laid end to end). (N,) int64"""
+    in its part (positions in the parts laid end to end). (N,) int32, or int64 past 2**31 ids"""
+    lengths = lengths_of(n_ids)
+    dtype = np.int32 if sum(lengths) < 2**31 else np.int64  # one per window: half the memory
     stride, found, base = window_rule(cfg).stride, [], 0
-    for n in lengths_of(n_ids):
-        found.append(np.arange(base + offset, base + n - cfg.seq_len, stride, dtype=np.int64))
+    for n in lengths:
+        found.append(np.arange(base + offset, base + n - cfg.seq_len, stride, dtype=dtype))
         base += n
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    return np.concatenate(found) if found else np.zeros(0, dtype=dtype)
 
 
 def train_starts(n_ids: Lengths, cfg: ModelConfig, epoch: int, seed: int) -> np.ndarray:
@@ -174,11 +176,14 @@ def gather_fn(ids: Ids, seq_len: int) -> Callable[[np.ndarray], np.ndarray]:
     return gather
 
 
-def _split_fn(cfg: ModelConfig, vocab_size: int, ids: Ids):
+def _split_fn(cfg: ModelConfig, vocab_size: int, ids: Ids, batches: np.ndarray | None = None):
+    """Element -> (x, y): the element is a batch of window starts, or with ``batches`` the index of
+    one of its rows (the starts stay a numpy array: no copy of them in the graph)."""
     split, gather = window_rule(cfg).split, gather_fn(ids, cfg.seq_len)
+    fetch = gather if batches is None else (lambda i: gather(batches[i]))
 
-    def window_split(starts):  # (b,) -> x, y
-        w = tf.numpy_function(gather, [starts], tf.int32, stateful=False)
+    def window_split(element):  # (b,) starts, or a row index -> x, y
+        w = tf.numpy_function(fetch, [element], tf.int32, stateful=False)
         return split(tf.ensure_shape(w, [None, cfg.seq_len + 1]), vocab_size)  # from (b, L+1) ids
 
     return window_split
@@ -206,11 +211,11 @@ def train_dataset(
     first ``skip_steps`` global steps left out (a run resumed in the middle of an epoch)."""
     lengths = [len(p) for p in parts_of(ids)]
     steps = steps_per_epoch(lengths, cfg, global_batch)
-    starts = _to_batches(train_starts(lengths, cfg, epoch, seed), steps, global_batch, shard)[skip_steps * shard.replicas:]
-    split = _split_fn(cfg, vocab_size, ids)
+    batches = _to_batches(train_starts(lengths, cfg, epoch, seed), steps, global_batch, shard)
+    batches = np.ascontiguousarray(batches[skip_steps * shard.replicas:])
     return (
-        tf.data.Dataset.from_tensor_slices(starts)
-        .map(split, num_parallel_calls=tf.data.AUTOTUNE)
+        tf.data.Dataset.range(len(batches))
+        .map(_split_fn(cfg, vocab_size, ids, batches), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(_options())
     )

@@ -141,3 +141,24 @@ def test_resuming_mid_epoch_skips_the_steps_already_trained():
     full = _batches(train_dataset(IDS, CFG, 7, 8, epoch=4, seed=0))
     rest = _batches(train_dataset(IDS, CFG, 7, 8, epoch=4, seed=0, skip_steps=5))
     assert len(rest) == len(full) - 5 and all(np.array_equal(a[0], b[0]) for a, b in zip(full[5:], rest))
+
+
+def _rss_file_kb() -> int:
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssFile:"))
+    return int(line.split()[1])
+
+
+def test_windows_read_from_a_memory_mapped_shard_never_join_the_resident_set(tmp_path):
+    from textgen.windows import gather_fn
+
+    path = tmp_path / "train-00000.bin"
+    data = (np.arange(16 << 20) % 50_000).astype(np.uint16)
+    data.tofile(path)
+    part = np.memmap(path, dtype=np.uint16, mode="r", shape=(len(data),))
+    starts = np.arange(0, len(data) - 11, 997)  # windows all over the file
+    gather = gather_fn([data[:100], part], 10)
+    gather(np.arange(100, 200))  # warm up: the code's own pages
+    before = _rss_file_kb()
+    windows = gather(starts + 100)
+    assert _rss_file_kb() - before < 4_000  # the 32 MB file was read through, not mapped in
+    assert windows.dtype == np.int32 and np.array_equal(windows, data[starts[:, None] + np.arange(11)])

@@ -22,6 +22,7 @@ step is exactly the global batch a single process would see.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -103,7 +104,7 @@ def _starts(n_ids: Lengths, cfg: ModelConfig, offset: int = 0) -> np.ndarray:
     for n in lengths:
         found.append(np.arange(base + offset, base + n - cfg.seq_len, stride, dtype=dtype))
         base += n
-    return np.concatenate(found) if found else np.zeros(0, dtype=dtype)
+    return found[0] if len(found) == 1 else np.concatenate(found) if found else np.zeros(0, dtype=dtype)
 
 
 def train_starts(n_ids: Lengths, cfg: ModelConfig, epoch: int, seed: int) -> np.ndarray:
@@ -156,21 +157,49 @@ def _to_batches(starts: np.ndarray, steps: int, global_batch: int, shard: Shard)
     return grid[:, shard.index].reshape(steps * shard.replicas, b)
 
 
+_FILES: dict[tuple[str, int, int], int] = {}  # (path, inode, mtime) -> a descriptor open for reading
+
+
+def _descriptor(path: str) -> int:
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_mtime_ns)
+    if key not in _FILES:
+        _FILES[key] = os.open(path, os.O_RDONLY)
+    return _FILES[key]
+
+
+def _reader(part: np.ndarray, width: int) -> Callable[[np.ndarray], np.ndarray]:
+    """(b,) starts in ``part`` -> (b, width) int32. A memory-mapped part is read from its file with
+    one ``pread`` per window: the page cache serves it and its pages never join this process'
+    resident set (through the map they would, whole large folios at a time, towards the corpus
+    size over an epoch); an array in memory is indexed."""
+    offsets = np.arange(width, dtype=np.int64)
+    if not (isinstance(part, np.memmap) and part.filename is not None):
+        return lambda starts: part[starts[:, None] + offsets].astype(np.int32)
+    fd, item, base = _descriptor(os.fspath(part.filename)), part.dtype.itemsize, part.offset
+    nbytes, pread = width * item, os.pread
+
+    def read(starts: np.ndarray) -> np.ndarray:
+        data = b"".join([pread(fd, nbytes, base + s * item) for s in starts.tolist()])
+        return np.frombuffer(data, dtype=part.dtype).reshape(len(starts), width).astype(np.int32)
+
+    return read
+
+
 def gather_fn(ids: Ids, seq_len: int) -> Callable[[np.ndarray], np.ndarray]:
-    """(b,) window starts -> (b, seq_len + 1) int32 ids, read from the parts (memory maps stay on
-    disk: only the windows' bytes are touched)."""
+    """(b,) window starts -> (b, seq_len + 1) int32 ids, read from the parts (``_reader``)."""
     parts = parts_of(ids)
+    readers = [_reader(p, seq_len + 1) for p in parts]
     bases = np.cumsum([0] + [len(p) for p in parts[:-1]]).astype(np.int64)
-    offsets = np.arange(seq_len + 1, dtype=np.int64)
 
     def gather(starts: np.ndarray) -> np.ndarray:
         if len(parts) == 1:
-            return parts[0][starts[:, None] + offsets].astype(np.int32)
+            return readers[0](starts)
         which = np.searchsorted(bases, starts, side="right") - 1
         out = np.empty((len(starts), seq_len + 1), dtype=np.int32)
         for k in np.unique(which):
             rows = which == k
-            out[rows] = parts[k][(starts[rows] - bases[k])[:, None] + offsets]
+            out[rows] = readers[k](starts[rows] - bases[k])
         return out
 
     return gather

@@ -9,8 +9,9 @@ feature, and one target (the character after the window).
 The ids are one array or several (the shards of a prepared dataset, memory-mapped): windows are cut
 in each part on its own, so none crosses a part boundary, and a window's start is its position in
 the parts laid end to end. Windows are never materialised: a batch is a vector of window *start*
-positions, turned into ids by one vectorised numpy gather (B, seq_len + 1) from the parts
-(``tf.numpy_function``), so no corpus-sized constant enters the graph: per-element windowing
+positions, turned into ids (B, seq_len + 1) by numpy in ``tf.numpy_function`` -- a vectorised
+gather from an array in memory, one ``pread`` per window from a memory-mapped shard's file (its
+pages stay out of the resident set) -- so no corpus-sized constant enters the graph: per-element windowing
 (``Dataset.window``) spends its time on per-window overhead (bench/pipeline.py compares the two).
 
 Sharding is explicit and exact. A global batch of ``G`` windows is cut into

@@ -217,7 +217,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size in windows")
     p.add_argument("--learning-rate", type=float, help="Adam learning rate")
     p.add_argument("--clipnorm", type=float, help="clip gradients to this global norm")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without improvement")
+    p.add_argument("--patience", type=int, help="early stopping: evaluations (each epoch, and each --eval-every-*) without improvement")
     p.add_argument("--val-fraction", type=float, help="held-out tail of the corpus (0-0.5)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--no-lowercase", dest="lowercase", action="store_false", default=None,

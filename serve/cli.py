@@ -9,7 +9,7 @@
 ``eval`` prints one JSON line: {"loss_nats", "bpc", "chars", "windows", "unknown_skipped", "split",
 "model_val_loss"}. ``serve`` runs uvicorn until stopped (Ctrl-C / SIGTERM: in-flight requests get
 up to ``GRACEFUL_SHUTDOWN_S`` to finish); its limits come from flags, else ``TEXTGEN_*``
-environment variables, else ``serve.engine.ServeSettings``' defaults (its fields make the flags).
+environment variables, else ``serve.settings.ServeSettings``' defaults (its fields make the flags).
 Mistakes (missing or corrupt model file, bad parameters, unknown prompt characters) print ``error:
 <what was wrong and what to do>`` on stderr and exit with status 2 (``textgen.errors.report_errors``).
 
@@ -89,7 +89,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"server processes, each with its own model and engine; the limits below apply per "
                         f"process (default: 1, or ${WORKERS_ENV})")
     try:
-        from serve.engine import ServeSettings
+        from serve.settings import ServeSettings
     except ImportError:  # the base install: `textgen serve` says what to install when it runs
         p.set_defaults(serve_missing=True)
     else:
@@ -223,9 +223,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from serve.engine import ServeSettings
         from serve.http import create_app
         from serve.server import DrainingServer, uvicorn_options
+        from serve.settings import ServeSettings
     except ImportError as e:
         raise GeneratorError(f"{SERVE_EXTRA} ({e})") from None
     from serve.generator import Generator

@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.auth import ApiKeys
-from serve.engine import Delta, End, Engine, EngineBusy, EngineClosed, Finish, Request, ServeSettings, Ticket
+from serve.engine import Delta, End, Engine, EngineBusy, EngineClosed, Finish, Request, Ticket
 from serve.generator import Generator
 from serve.metrics import Instrumented, Metrics
 from serve.openai_api import CompletionRequest, add_openai_routes, is_openai_path, openai_error
@@ -80,6 +80,7 @@ from serve.params import (
     ParamError,
     shown,
 )
+from serve.settings import ServeSettings
 from serve.streaming import SHUTDOWN_GRACE_S, Farewell, disconnected
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's server log: where operators look

@@ -29,8 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from serve.engine import Delta, End, Engine, EngineClosed, Finish, Request, ServeSettings, Ticket
+from serve.engine import Delta, End, Engine, EngineClosed, Finish, Request, Ticket
 from serve.params import MAX_SEED, MAX_STOPS, MAX_TEMPERATURE, MAX_TOP_K, ParamError, Problem
+from serve.settings import ServeSettings
 from serve.streaming import SHUTDOWN_GRACE_S, Farewell, disconnected, merged
 
 OPENAI_PATHS = ("/v1/completions", "/v1/models")

@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serve.engine import ServeSettings
 from serve.http import create_app
+from serve.settings import ServeSettings
 from textgen.errors import TextgenError as GeneratorError
 
 

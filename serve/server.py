@@ -39,7 +39,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serve.engine import Engine, ServeSettings
+from serve.engine import Engine
+from serve.settings import ServeSettings
 
 log = logging.getLogger("uvicorn.error")
 

@@ -457,7 +457,8 @@ def test_engine_rows_equal_the_generator_whatever_shares_the_batch(gen, chunk_si
     prompts, greedy rows and a stop string made by the last allowed character run concurrently,
     arriving together or one after another, with several chunk sizes; every row is exactly its
     ``Generator.generate``."""
-    from serve.engine import PREFILL_CHUNK, Delta, End, Engine, Finish, ServeSettings
+    from serve.engine import PREFILL_CHUNK, Delta, End, Engine, Finish
+    from serve.settings import ServeSettings
 
     full = gen.generate("the ", max_chars=200, seed=12)
     n = next(n for n in range(40, 200) if full[n - 2 : n] not in full[: n - 1])
@@ -539,7 +540,7 @@ def test_an_engine_failure_ends_its_requests_and_refuses_new_ones(gen):
 
 
 def test_settings_from_flags_env_and_defaults():
-    from serve.engine import ServeSettings
+    from serve.settings import ServeSettings
 
     assert ServeSettings.from_env({}) == ServeSettings()
     s = ServeSettings.from_env({"TEXTGEN_MAX_ROWS": "8", "TEXTGEN_STREAM_INTERVAL_MS": "5.5"}, max_n=2)

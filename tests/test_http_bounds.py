@@ -190,7 +190,8 @@ def test_docs_pages_only_when_asked(bounded):  # served with --docs: tests/test_
 
 
 def test_queued_prompt_characters_are_bounded(gen):
-    from serve.engine import Engine, EngineBusy, ServeSettings
+    from serve.engine import Engine, EngineBusy
+    from serve.settings import ServeSettings
 
     async def main():
         engine = Engine(gen, ServeSettings(max_queued_prefill_chars=15_000))  # not started: nothing is consumed
@@ -274,8 +275,8 @@ def test_a_short_prompt_is_not_stuck_behind_long_ones(hol, gen):
 
 
 def test_the_bounds_are_settings(tmp_path):
-    from serve.engine import ServeSettings
     from serve.server import uvicorn_options
+    from serve.settings import ServeSettings
     from tests.conftest import run_cli
 
     s = ServeSettings.from_env({"TEXTGEN_DOCS": "true", "TEXTGEN_HEADER_TIMEOUT_S": "2.5"}, max_connections=50)

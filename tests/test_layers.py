@@ -65,6 +65,7 @@ RANKS = [
     ("serve.onnx_model",),
     ("serve.decode",),
     ("serve.generator",),
+    ("serve.settings",),
     ("serve.vectors",),
     ("serve.engine",),
     ("serve.auth", "serve.metrics", "serve.streaming"),

@@ -294,7 +294,7 @@ def test_the_drain_deadline_ends_streams_with_a_last_event(small_onnx):
 def test_api_key_settings_and_the_open_port_warning(tmp_path, capsys):
     from serve.auth import key_matches
     from serve.cli import _warn_if_open
-    from serve.engine import ServeSettings
+    from serve.settings import ServeSettings
     from textgen.errors import TextgenError
 
     (tmp_path / "k").write_text("a\n# comment\n b \n")

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,13 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from bench.http_load import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 JS = REPO / "js"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -48,17 +43,25 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def textgen_server(model: Path) -> Iterator[str]:
-    """``textgen serve MODEL`` on a free port; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "textgen", "serve", str(model), "--port", str(port),
-                             "--log-level", "warning"], cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+def _running(argv: list[str], ready_url: str, **popen) -> Iterator[None]:
+    """A server subprocess until the block ends, once ``ready_url`` answers."""
+    proc = subprocess.Popen(argv, **popen)
     try:
-        _wait_for(f"http://127.0.0.1:{port}/readyz", proc)
-        yield f"http://127.0.0.1:{port}"
+        _wait_for(ready_url, proc)
+        yield
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def textgen_server(model: Path) -> Iterator[str]:
+    """``textgen serve MODEL`` on a free port; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "textgen", "serve", str(model), "--port", str(port), "--log-level", "warning"]
+    with _running(argv, f"{url}/readyz", cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}):
+        yield url
 
 
 @contextlib.contextmanager
@@ -73,14 +76,10 @@ def static_server(model: Path, root: Path) -> Iterator[str]:
         if not link.exists():
             link.symlink_to(target)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/index.html", proc)
-        yield f"http://127.0.0.1:{port}/index.html"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    page = f"http://127.0.0.1:{port}/index.html"
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with _running(argv, page, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        yield page
 
 
 @contextlib.contextmanager

@@ -10,12 +10,24 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Corpora prepared for training go to a cache of the test session's own (inherited by every
+# subprocess and Ray worker it starts), not the user's ~/.cache/textgen; removed at the end.
+_OWN_CACHE = "TEXTGEN_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["TEXTGEN_CACHE"] = tempfile.mkdtemp(prefix="textgen-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["TEXTGEN_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 

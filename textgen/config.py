@@ -22,6 +22,7 @@ from textgen.errors import TextgenError
 CHAR = "char"  # Embedding -> LSTMs -> Dense logits, a loss at every position of a window.
 NOTEBOOK = "notebook"  # The notebook's model: scaled-integer input, one softmax target per 100-char window.
 MODEL_KINDS = (CHAR, NOTEBOOK)
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules (textgen.train.scheduled_learning_rate)
 
 
 class ConfigError(TextgenError):
@@ -33,8 +34,11 @@ class ModelConfig:
     kind: str = CHAR  # CHAR for our model; NOTEBOOK reproduces the notebook so comparisons run in our code.
     embedding_dim: int = 64  # 45 characters need few dimensions; 64 costs ~3k params and trains fast.
     lstm_units: tuple[int, ...] = (256, 256)  # Two layers of 256, as the notebook's bigger model.
-    dropout: float = 0.2  # After every LSTM layer, as in the notebook; enough for a 144k-char corpus.
+    dropout: float = 0.2  # On every LSTM layer's output.
     seq_len: int = 100  # Characters per training window (the notebook's window length).
+    embedding_dropout: float = 0.0  # Drops whole characters of a window (every occurrence of each dropped one).
+    input_dropout: float = 0.0  # On the first LSTM's input (the embedding output).
+    time_locked: bool = False  # Dropout masks fixed over a window's time steps (variational), not per element.
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lstm_units", tuple(int(u) for u in self.lstm_units))
@@ -44,8 +48,9 @@ class ModelConfig:
             raise ConfigError(f"lstm_units must be one or more positive sizes, got {self.lstm_units}")
         if self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embedding_dropout", "input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be at least 2, got {self.seq_len}")
 
@@ -53,7 +58,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 64  # Global batch (windows per step, summed over all replicas).
-    learning_rate: float = 2e-3  # Adam; 2e-3 is the char-rnn default and converges fastest here.
+    learning_rate: float = 2e-3  # Adam's (peak) rate.
+    schedule: str = "constant"  # "cosine": warm up, then decay to min_lr_fraction at the end of the budget.
+    warmup_steps: int = 0  # Linear warm-up from 0 over this many steps (either schedule).
+    min_lr_fraction: float = 0.1  # "cosine" ends at this fraction of the peak rate.
+    weight_decay: float = 0.0  # Decoupled (AdamW) decay of the kernels and embeddings, not the biases.
+    ema_momentum: float = 0.0  # > 0: evaluate and checkpoint an exponential moving average of the weights.
     clipnorm: float | None = 5.0  # Clip gradients by global norm (char-rnn's value); None: no clipping.
     epochs: int = 100  # An upper bound: --max-minutes and early stopping usually end the run first.
     max_minutes: float | None = None  # Wall-clock budget for the whole run (training + validation).
@@ -71,6 +81,15 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        for name in ("min_lr_fraction", "ema_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be 0 or more, got {self.weight_decay}")
         if self.clipnorm is not None and not self.clipnorm > 0:
             raise ConfigError(f"clipnorm must be positive, got {self.clipnorm}")
         if self.epochs < 1:
@@ -215,7 +234,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="maximum number of epochs")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget for the run, in minutes")
     p.add_argument("--batch-size", type=int, help="global batch size in windows")
-    p.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    p.add_argument("--learning-rate", type=float, help="Adam's learning rate (the peak of the schedule)")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate schedule: cosine decays to the end of --max-minutes or --epochs")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
+    p.add_argument("--min-lr-fraction", type=float, help="cosine: the final rate as a fraction of the peak")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (AdamW) of kernels and embeddings")
+    p.add_argument("--ema-momentum", type=float,
+                   help="validate and checkpoint a moving average of the weights with this momentum (0: off)")
     p.add_argument("--clipnorm", type=float, help="clip gradients to this global norm")
     p.add_argument("--patience", type=int, help="early stopping: evaluations (each epoch, and each --eval-every-*) without improvement")
     p.add_argument("--val-fraction", type=float, help="held-out tail of the corpus (0-0.5)")
@@ -231,7 +257,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help="characters per training window")
     p.add_argument("--embedding-dim", type=int, help="embedding size")
     p.add_argument("--lstm-units", type=_units, help="LSTM sizes, one per layer, e.g. 256,256")
-    p.add_argument("--dropout", type=float, help="dropout after each LSTM layer")
+    p.add_argument("--dropout", type=float, help="dropout on each LSTM layer's output")
+    p.add_argument("--input-dropout", type=float, help="dropout on the first LSTM's input")
+    p.add_argument("--embedding-dropout", type=float, help="drop whole characters of a window with this probability")
+    p.add_argument("--time-locked", action=argparse.BooleanOptionalAction, default=None,
+                   help="one dropout mask per window for all its time steps (variational dropout)")
     p.add_argument("--mixed-precision", action="store_true", default=None,
                    help="float16 compute with float32 logits (GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -242,14 +272,16 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
     pre = preset(args.preset)
     model = replace(
         pre.model, seq_len=args.seq_len, embedding_dim=args.embedding_dim,
-        lstm_units=args.lstm_units, dropout=args.dropout,
+        lstm_units=args.lstm_units, dropout=args.dropout, input_dropout=args.input_dropout,
+        embedding_dropout=args.embedding_dropout, time_locked=args.time_locked,
     )
     train = replace(
         pre.train, epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
         learning_rate=args.learning_rate, clipnorm=args.clipnorm, patience=args.patience,
         val_fraction=args.val_fraction, seed=args.seed, lowercase=args.lowercase,
         mixed_precision=args.mixed_precision, val_chars=args.val_chars, eval_every_steps=args.eval_every_steps,
-        eval_every_minutes=args.eval_every_minutes,
+        eval_every_minutes=args.eval_every_minutes, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        min_lr_fraction=args.min_lr_fraction, weight_decay=args.weight_decay, ema_momentum=args.ema_momentum,
     )
     return model, train
 

@@ -1,7 +1,9 @@
 """The Keras models: the training model and the step model with explicit LSTM state.
 
-``char`` kind (ours):  char_ids (B, T) int32 -> Embedding (B, T, E) -> N x [LSTM (B, T, H) -> Dropout]
--> Dense logits (B, T, V). The step model has the same layers (same names, same weights) plus named
+``char`` kind (ours):  char_ids (B, T) int32 -> Embedding (B, T, E) [-> embedding dropout -> input
+dropout] -> N x [LSTM (B, T, H) -> Dropout] -> Dense logits (B, T, V). Dropout is per element, or
+time-locked (one mask per window and feature, the same at every time step: variational dropout);
+embedding dropout drops whole characters of a window. All of it only in training. The step model has the same layers (same names, same weights) plus named
 per-layer state inputs ``h_i``/``c_i`` (B, H_i) and outputs ``h_i_out``/``c_i_out``, with variable
 batch and time, so a prompt is consumed in one call and single characters after it.
 
@@ -15,6 +17,7 @@ activations, no recurrent dropout, not unrolled, with bias, no mask (``cudnn_pro
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from textgen.config import CHAR, NOTEBOOK, ModelConfig
 from textgen.contract import CHAR_IDS, LOGITS, state_names
@@ -45,12 +48,43 @@ def build_model(cfg: ModelConfig, vocab_size: int, mixed_precision: bool = False
     return build(cfg, vocab_size, _policy(mixed_precision))
 
 
+class EmbeddingDropout(keras.layers.Layer):
+    """AWD-LSTM's embedding dropout for one window at a time: each character of the vocabulary is
+    dropped from a window with probability ``rate`` (all its occurrences there are zero), the
+    others scaled by 1 / (1 - rate). Inputs: [char_ids (B, T), embedded (B, T, E)]."""
+
+    def __init__(self, rate: float, vocab_size: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.vocab_size = rate, vocab_size
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        ids, x = inputs
+        if not training or self.rate == 0:
+            return x
+        keep = keras.random.uniform((ops.shape(ids)[0], self.vocab_size), seed=self.seed_generator) >= self.rate
+        mask = ops.take_along_axis(ops.cast(keep, x.dtype), ids, axis=1)  # (B, T): 1 where kept
+        return x * ops.expand_dims(mask, -1) / ops.cast(1.0 - self.rate, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "vocab_size": self.vocab_size}
+
+
+def _dropout(cfg: ModelConfig, rate: float, name: str) -> keras.layers.Dropout:
+    # Time-locked: one mask per (window, feature), broadcast over the time axis.
+    return keras.layers.Dropout(rate, noise_shape=(None, 1, None) if cfg.time_locked else None, name=name)
+
+
 def _char_model(cfg: ModelConfig, vocab_size: int, dtype: str | None) -> keras.Model:
     ids = keras.Input((None,), dtype="int32", name=CHAR_IDS)
     x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding", dtype=dtype)(ids)
+    if cfg.embedding_dropout:
+        x = EmbeddingDropout(cfg.embedding_dropout, vocab_size, name="embedding_dropout")([ids, x])
+    if cfg.input_dropout:
+        x = _dropout(cfg, cfg.input_dropout, "input_dropout")(x)
     for i, units in enumerate(cfg.lstm_units):
         x = _lstm(units, i, dtype, return_sequences=True)(x)
-        x = keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+        x = _dropout(cfg, cfg.dropout, f"dropout_{i}")(x)
     out = keras.layers.Dense(vocab_size, name=LOGITS, dtype="float32")(x)
     return keras.Model(ids, out, name="textgen_char")
 

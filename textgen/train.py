@@ -14,6 +14,7 @@ business.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -175,14 +176,67 @@ def default_strategy() -> tf.distribute.Strategy:
 
 
 def make_optimizer(cfg: TrainConfig, num_replicas: int) -> keras.optimizers.Optimizer:
+    """Adam with decoupled weight decay (AdamW) of everything but the biases, global-norm clipping,
+    and with ``ema_momentum`` an exponential moving average of the weights (``Averages``)."""
     # Keras 3 clips each replica's gradient before the all-reduce. Each replica's gradient is its
     # 1/N share of the global-batch gradient, so clipping each at clipnorm/N bounds the summed
     # update's norm by clipnorm (triangle inequality) and equals global clipping for one replica.
     clip = None if cfg.clipnorm is None else cfg.clipnorm / num_replicas
-    opt = keras.optimizers.Adam(cfg.learning_rate, global_clipnorm=clip)
+    opt = keras.optimizers.Adam(
+        cfg.learning_rate, global_clipnorm=clip, weight_decay=cfg.weight_decay or None,
+        use_ema=cfg.ema_momentum > 0, ema_momentum=cfg.ema_momentum or 0.99,
+    )
+    if cfg.weight_decay:
+        opt.exclude_from_weight_decay(var_names=["bias"])
     if cfg.mixed_precision:
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def scheduled_learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """The rate for global step ``step`` (from 0) when ``progress`` (0..1) of the budget is spent:
+    a linear warm-up over ``warmup_steps``, then constant or a cosine from the peak down to
+    ``min_lr_fraction`` of it at the end of the budget (``--epochs`` or ``--max-minutes``)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "constant":
+        return cfg.learning_rate * warm
+    floor = cfg.min_lr_fraction
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cfg.learning_rate * warm * (floor + (1.0 - floor) * cosine)
+
+
+class Averages:
+    """Swaps the model's weights with the optimizer's moving averages of them (Keras' ``use_ema``),
+    on every replica: the averaged weights are the ones validated, sampled and checkpointed."""
+
+    def __init__(self, model, optimizer):
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's Adam
+        self.enabled = bool(getattr(inner, "use_ema", False))
+        if not self.enabled:
+            return
+        pairs = list(zip(model.trainable_variables, inner._model_variables_moving_average))
+
+        @tf.function
+        def swap():
+            for var, avg in pairs:
+                held = tf.identity(var.value)
+                var.assign(avg.value)
+                avg.assign(held)
+
+        self._swap = swap
+
+    def swap(self) -> None:
+        if self.enabled:
+            self._swap()
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the duration (the training weights afterwards)."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
 
 
 Reduction = Literal["mean", "sum"]
@@ -261,7 +315,13 @@ class Steps:
             per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
             return strategy.reduce(sum_, per_replica, axis=None) > 0
 
-        self.train_step, self.val_step, self.any_true = train_step, val_step, any_true
+        @tf.function
+        def mean(value):
+            # One value every worker agrees on (the budget spent: it sets the learning rate and the stop).
+            per_replica = strategy.run(lambda: tf.cast(value, tf.float64))
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+        self.train_step, self.val_step, self.any_true, self.mean = train_step, val_step, any_true, mean
         self.replica_spread = _replica_spread_fn(model, strategy)
 
 
@@ -301,9 +361,12 @@ class Loop:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     steps: Steps
-    t_start: float
+    averages: Averages
+    t_start: float  # monotonic time the run started (earlier than this process when resumed)
     val_ds: Any = None  # built once, after the first training epoch has traced the train step
     last_eval: float = 0.0  # monotonic time of the last evaluation (or of the start)
+    time_spent: float = 0.0  # fraction of --max-minutes spent at the last check, agreed by every worker
+    learning_rate: float = 0.0  # the rate of the last step
 
     @property
     def n_steps(self) -> int:
@@ -315,11 +378,20 @@ class Loop:
 
     def out_of_time(self) -> bool:
         """Whether the wall-clock budget is spent, agreed by every worker (a collective call when
-        there is a budget: every worker calls it at the same points)."""
+        there is a budget: every worker calls it at the same points); updates ``time_spent``."""
         if self.train_cfg.max_minutes is None:
             return False
-        late = time.monotonic() - self.t_start > self.train_cfg.max_minutes * 60.0
-        return bool(self.steps.any_true(tf.constant(late)))
+        spent = (time.monotonic() - self.t_start) / (self.train_cfg.max_minutes * 60.0)
+        self.time_spent = float(self.steps.mean(tf.constant(spent, tf.float64)))
+        return self.time_spent >= 1.0
+
+    def set_learning_rate(self, epoch: int, step: int) -> None:
+        """The schedule's rate for ``step`` of ``epoch``: its progress is the larger of the steps
+        done of ``epochs`` and the time spent of ``max_minutes``."""
+        done = (epoch - 1) * self.n_steps + step
+        progress = max(done / (self.train_cfg.epochs * self.n_steps), self.time_spent)
+        self.learning_rate = scheduled_learning_rate(self.train_cfg, done, progress)
+        self.optimizer.learning_rate = self.learning_rate
 
     def eval_due(self, epoch: int, done: int) -> bool:
         """Whether to evaluate after ``done`` steps of ``epoch`` (not at its end: that evaluation
@@ -350,7 +422,7 @@ class Loop:
 
     def saver(self, metrics: dict[str, Any], state: RunState) -> Callable[[Path], Path]:
         """Writes this epoch's checkpoint where the sink asks."""
-        snapshot = state.to_dict(self.train_cfg.seed)
+        snapshot = {**state.to_dict(self.train_cfg.seed), "weights": "averaged" if self.averages.enabled else "trained"}
 
         def save(path: Path) -> Path:
             return ckptlib.save_checkpoint(path, self.model, self.optimizer, self.model_cfg, self.train_cfg,
@@ -393,8 +465,20 @@ def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, stra
             within = f" and {state.step} steps of epoch {state.epoch + 1}" if state.step else ""
             log(f"resumed from {resume_from.path} after epoch {state.epoch}{within} "
                 f"(best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch})")
+        averages = Averages(model, optimizer)
+        if resume_from is not None:
+            _restore_training_weights(resume_from, averages)
     steps = Steps(model, optimizer, strategy, model_cfg.kind, train_cfg.batch_size, train_cfg.mixed_precision)
-    return Loop(model_cfg, train_cfg, data, strategy, model, optimizer, steps, t_start, last_eval=t_start), state
+    t_run = t_start - (state.history[-1].get("elapsed_s", 0.0) if state.history else 0.0)
+    return Loop(model_cfg, train_cfg, data, strategy, model, optimizer, steps, averages, t_run,
+                last_eval=t_start), state
+
+
+def _restore_training_weights(ckpt: ckptlib.Checkpoint, averages: Averages) -> None:
+    """A checkpoint of averaged weights keeps the training weights in the optimizer's average
+    slots (``Loop.saver`` saves while they are swapped): swap them back to train on."""
+    if ckpt.state.get("weights") == "averaged" and averages.enabled and ckpt.has_optimizer:
+        averages.swap()
 
 
 Midway = Callable[["EpochResult"], bool]  # an evaluation within an epoch; True: stop (early stopping)
@@ -410,6 +494,7 @@ def train_epoch(loop: Loop, epoch: int, progress: bool, skip: int = 0, midway: M
     t0, paused = time.monotonic(), 0.0
     loss_sum, done, out_of_time, early = 0.0, 0, False, False
     for _ in range(n_steps - skip):
+        loop.set_learning_rate(epoch, skip + done)
         loss = float(loop.steps.train_step(it))
         if not math.isfinite(loss):
             raise TrainingError(
@@ -463,6 +548,7 @@ def epoch_metrics(loop: Loop, epoch: int, result: EpochResult, val_loss: float, 
         "elapsed_s": time.monotonic() - loop.t_start,
         "best_val_loss": state.best_val_loss,
         "best_epoch": state.best_epoch,
+        "learning_rate": loop.learning_rate,
         "replicas": loop.strategy.num_replicas_in_sync,
         "replica_weight_spread": float(loop.steps.replica_spread()),
     }
@@ -481,12 +567,13 @@ def evaluate(loop: Loop, state: RunState, sink: Sink, epoch: int, result: EpochR
              log: Callable[[str], None], within: bool = False) -> None:
     """Validate, record, log and hand the metrics and a checkpoint to the sink: at the end of an
     epoch, or ``within`` it (then the state says how many of its steps are done)."""
-    val_loss = validate(loop)
-    improved = state.record(epoch, val_loss, result.step if within else 0)
-    metrics = epoch_metrics(loop, epoch, result, val_loss, state)
-    state.history.append(metrics)
-    log(_epoch_line(metrics, loop.train_cfg.epochs, improved, loop.n_steps))
-    sink.epoch_end(metrics, loop.saver(metrics, state), improved)
+    with loop.averages.applied():
+        val_loss = validate(loop)
+        improved = state.record(epoch, val_loss, result.step if within else 0)
+        metrics = epoch_metrics(loop, epoch, result, val_loss, state)
+        state.history.append(metrics)
+        log(_epoch_line(metrics, loop.train_cfg.epochs, improved, loop.n_steps))
+        sink.epoch_end(metrics, loop.saver(metrics, state), improved)
     loop.last_eval = time.monotonic()
 
 
@@ -496,7 +583,7 @@ def _stop_reason(loop: Loop, state: RunState, result: EpochResult | None = None)
         return "max_minutes"
     if state.bad_epochs >= loop.train_cfg.patience:
         return "early_stopping"
-    if result is not None and loop.out_of_time():
+    if loop.out_of_time():
         return "max_minutes"
     return "epochs"
 
@@ -518,6 +605,9 @@ def fit(
     loop, state = _build(model_cfg, train_cfg, data, strategy or default_strategy(), t_start, resume_from, log)
     train_time, train_chars = 0.0, 0
     stopped_by = _stop_reason(loop, state)
+    if stopped_by == "max_minutes":
+        log(f"this run has spent its budget of {train_cfg.max_minutes:g} minutes; give a larger --max-minutes "
+            "to train it on")
     while stopped_by == "epochs" and state.epoch < train_cfg.epochs:
         epoch, skip = state.epoch + 1, state.step
         if on_epoch_start is not None:

@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	@echo "== training the default model for $(MINUTES) minutes on the bundled corpus (2 Ray workers)."
-	@echo "== train longer with: make run MINUTES=30   (running again continues this run: $(RUNS)/$(NAME))"
+	@echo "== training the default model for $(MINUTES) minutes on the bundled corpus (a Ray job: one worker, all cores)."
+	@echo "== train longer with: make run MINUTES=30   (continues this run, $(RUNS)/$(NAME), up to 30 minutes in all)"
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m jobs.train --preset default --max-minutes $(MINUTES) \
-		--num-workers 2 --storage-path $(RUNS) --name $(NAME)
+		--storage-path $(RUNS) --name $(NAME)
 	$(BIN)/textgen export $(RUNS)/$(NAME) --out $(RUNS)/$(NAME).onnx
 	$(BIN)/textgen generate $(RUNS)/$(NAME).onnx --prompt "alice was beginning" --max-chars 600 \
 		--temperature 0.8 --seed 0

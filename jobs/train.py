@@ -15,7 +15,7 @@ same path (the workers memory-map its shards), or an ``s3://`` / ``gs://`` URI (
 the shards to its local disk once, sha256-checked). ``--corpus`` (or nothing: the bundled corpus) is
 prepared by the driver into its cache, and again by each worker on a node that has no copy yet.
 
-    python -m jobs.train --preset default --max-minutes 10                 # local Ray, 2 workers
+    python -m jobs.train --preset default --max-minutes 10                 # local Ray, 1 worker, all cores
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train ...  # a cluster
 
 The last stdout line is one JSON object: best_checkpoint, best_val_loss, epochs, num_workers, run_path.
@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train textgen as a Ray Train job (MultiWorkerMirroredStrategy across workers).",
     )
     cfglib.add_train_args(p)
-    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (default: %(default)s; on one machine one worker with all its cores "
+                        "trains fastest, on a cluster give one per node or GPU)")
     p.add_argument("--use-gpu", action="store_true", help="give every worker GPUs (--gpus-per-worker)")
-    p.add_argument("--cpus-per-worker", type=float, default=1,
-                   help="CPUs per worker; also TensorFlow's thread count (default: %(default)s)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per worker; also TensorFlow's thread count (default: on a local Ray this "
+                        "machine's cores shared by the workers, on a cluster 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker with --use-gpu (default: 1)")
     p.add_argument("--storage-path", default=DEFAULT_STORAGE,
@@ -66,13 +69,24 @@ def replicas_per_worker(args: argparse.Namespace) -> int:
     return max(1, int(args.gpus_per_worker or 1)) if args.use_gpu else 1
 
 
+def cpus_per_worker(args: argparse.Namespace) -> float:
+    """--cpus-per-worker, or by default: on the local Ray this job starts, the machine's cores
+    shared by the workers (one worker with all of them unless --num-workers says more); joining a
+    cluster (--address or RAY_ADDRESS), 1."""
+    if args.cpus_per_worker is not None:
+        return args.cpus_per_worker
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // max(args.num_workers, 1))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Configuration mistakes that can be caught on the driver, before any worker starts."""
     if args.num_workers < 1:
         raise TextgenError(f"--num-workers must be at least 1, got {args.num_workers}")
     if args.max_failures < 0:
         raise TextgenError(f"--max-failures must be 0 or more, got {args.max_failures}")
-    if args.cpus_per_worker <= 0:
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
         raise TextgenError(f"--cpus-per-worker must be positive, got {args.cpus_per_worker}")
     if args.gpus_per_worker is not None and not args.use_gpu:
         raise TextgenError("--gpus-per-worker needs --use-gpu")
@@ -102,7 +116,7 @@ def scaling_config(args: argparse.Namespace):
     """Workers and what each one reserves: CPUs, and with --use-gpu its GPUs (MWMS mirrors over them)."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": args.cpus_per_worker}
+    resources = {"CPU": cpus_per_worker(args)}
     if args.use_gpu:
         resources["GPU"] = args.gpus_per_worker or 1
     return ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources)
@@ -118,7 +132,7 @@ def loop_config(args: argparse.Namespace) -> dict[str, Any]:
         "data": None if args.data is None else args.data if "://" in args.data else str(Path(args.data).resolve()),
         "max_vocab": args.max_vocab,
         "min_count": args.min_count,
-        "threads": max(1, int(args.cpus_per_worker)),
+        "threads": max(1, int(cpus_per_worker(args))),
         "run_name": args.name,
     }
 

@@ -22,10 +22,24 @@ def test_gpu_workers_request_gpus_and_mirror_over_them(tmp_path):
     assert loop_config(args)["threads"] == 8
 
 
-def test_gpu_defaults_to_one_per_worker_and_cpu_jobs_request_none(tmp_path):
+def test_gpu_defaults_to_one_per_worker_and_cpu_jobs_request_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: one CPU per worker unless told
     assert scaling_config(_args("--use-gpu")).resources_per_worker == {"CPU": 1, "GPU": 1}
     cpu = scaling_config(_args("--num-workers", "3"))
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 1}
+
+
+def test_on_a_local_ray_one_worker_gets_every_core_by_default(monkeypatch):
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    one = _args()
+    assert one.num_workers == 1 and scaling_config(one).resources_per_worker == {"CPU": cores}
+    assert loop_config(one)["threads"] == cores
+    assert scaling_config(_args("--num-workers", "2")).resources_per_worker == {"CPU": max(1, cores // 2)}
+    assert scaling_config(_args("--cpus-per-worker", "1")).resources_per_worker == {"CPU": 1}
+    assert scaling_config(_args("--address", "auto")).resources_per_worker == {"CPU": 1}
 
 
 def test_global_batch_must_divide_by_every_replica(tmp_path):

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_configs(args: argparse.Namespace):
+    """(model config, train config, the checkpoint to fine-tune from or None) of the flags."""
+    from textgen import finetune
+
+    return finetune.from_args(args, *cfglib.configs_from_args(args))
+
+
 def replicas_per_worker(args: argparse.Namespace) -> int:
     return max(1, int(args.gpus_per_worker or 1)) if args.use_gpu else 1
 
@@ -92,7 +99,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TextgenError("--gpus-per-worker needs --use-gpu")
     if args.gpus_per_worker is not None and args.gpus_per_worker <= 0:
         raise TextgenError(f"--gpus-per-worker must be positive, got {args.gpus_per_worker}")
-    _, train_cfg = cfglib.configs_from_args(args)
+    _, train_cfg, _ = run_configs(args)
     replicas = args.num_workers * replicas_per_worker(args)
     if train_cfg.batch_size % replicas:
         raise TextgenError(
@@ -123,8 +130,9 @@ def scaling_config(args: argparse.Namespace):
 
 
 def loop_config(args: argparse.Namespace) -> dict[str, Any]:
-    """What every worker needs, as plain JSON-able values (absolute paths: workers chdir)."""
-    model_cfg, train_cfg = cfglib.configs_from_args(args)
+    """What every worker needs, as plain JSON-able values (absolute paths: workers chdir; every
+    worker loads the ``--init-from`` checkpoint itself, so it must be on storage all nodes mount)."""
+    model_cfg, train_cfg, init_from = run_configs(args)
     return {
         "model": cfglib.to_dict(model_cfg),
         "train": cfglib.to_dict(train_cfg),
@@ -134,6 +142,7 @@ def loop_config(args: argparse.Namespace) -> dict[str, Any]:
         "min_count": args.min_count,
         "threads": max(1, int(cpus_per_worker(args))),
         "run_name": args.name,
+        "init_from": None if init_from is None else str(init_from.path.resolve()),
     }
 
 
@@ -153,26 +162,37 @@ def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int]
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     model_cfg = cfglib.model_config_from_dict(config["model"])
     train_cfg = cfglib.train_config_from_dict(config["train"])
-    data = _worker_data(config, rank, model_cfg, train_cfg)
+    init_from = _init_checkpoint(config)
+    data = _worker_data(config, rank, model_cfg, train_cfg, init_from)
     train_cfg = settle_train_config(train_cfg, data, None, None)
     with tempfile.TemporaryDirectory(prefix="textgen-resume-") as local_copy:
         fit(
             model_cfg, train_cfg, data, RaySink(rank), strategy=strategy,
-            resume_from=_restored_checkpoint(local_copy), progress=False, log=_chief_log(rank),
-            on_epoch_start=on_epoch_start,
+            resume_from=_restored_checkpoint(local_copy), init_from=init_from, progress=False,
+            log=_chief_log(rank), on_epoch_start=on_epoch_start,
         )
 
 
-def _worker_data(config: dict[str, Any], rank: int, model_cfg, train_cfg):
-    """The dataset as this worker reads it (``--data``, or ``--corpus`` prepared into its cache); a
-    worker that cannot says which one it is and where."""
+def _init_checkpoint(config: dict[str, Any]):
+    """The ``--init-from`` checkpoint, loaded by this worker (None without one)."""
+    from textgen.checkpoint import load_checkpoint
+
+    return None if config.get("init_from") is None else load_checkpoint(config["init_from"])
+
+
+def _worker_data(config: dict[str, Any], rank: int, model_cfg, train_cfg, init_from=None):
+    """The dataset as this worker reads it (``--data``, or ``--corpus`` prepared into its cache,
+    with the ``init_from`` checkpoint's vocabulary as its base); a worker that cannot says which
+    one it is and where."""
     import ray
 
+    from textgen.finetune import base_vocab
     from textgen.train import prepare_data
 
     try:
         return prepare_data(config["corpus"], model_cfg, train_cfg, data=config.get("data"),
-                            max_vocab=config.get("max_vocab"), min_count=config.get("min_count", 1))
+                            max_vocab=config.get("max_vocab"), min_count=config.get("min_count", 1),
+                            base_vocab=base_vocab(init_from))
     except TextgenError as e:  # e.g. the corpus is on the driver's machine but not on this node
         raise TextgenError(
             f"worker rank {rank} on node {ray.util.get_node_ip_address()}: {e} (every worker reads the "
@@ -291,12 +311,16 @@ def submit(args: argparse.Namespace, loop: Callable[[dict[str, Any]], None]) -> 
     # Fail on the driver, not after workers started: the data is prepared (or opened) here once;
     # workers on this machine reuse the cache, workers elsewhere prepare or fetch their own copy.
     from textgen.dataset import check_location
+    from textgen.finetune import base_vocab, check_data
     from textgen.prepare import PrepareOptions
+    from textgen.text import Vocab
 
-    _, train_cfg = cfglib.configs_from_args(args)
+    _, train_cfg, init_from = run_configs(args)
     opts = PrepareOptions(lowercase=train_cfg.lowercase, val_fraction=train_cfg.val_fraction,
-                          max_vocab=args.max_vocab, min_count=args.min_count)
-    check_location(args.data, args.corpus, opts, progress=args.progress)
+                          max_vocab=args.max_vocab, min_count=args.min_count, base_vocab=base_vocab(init_from))
+    meta = check_location(args.data, args.corpus, opts, progress=args.progress)
+    if init_from is not None:
+        check_data(init_from, Vocab.from_dict(meta["vocab"]), bool(meta["lowercase"]), args.data or "of --corpus")
     try:
         result = run(args, loop)
     except Exception as e:  # a failed run: say what Ray said, in one line

@@ -57,6 +57,7 @@ RANKS = [
     ("textgen.windows",),
     ("textgen.model",),
     ("textgen.checkpoint", "textgen.runs"),
+    ("textgen.finetune",),
     ("textgen.train",),
     ("jobs.train", "jobs.__main__"),
     ("export.generation",),

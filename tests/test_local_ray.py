@@ -1,6 +1,7 @@
 """`python -m jobs.train` with no --address and no RAY_ADDRESS starts a Ray of its own: it never
 joins the cluster Ray has on record in its temp directory (someone else's, or a dead one that
-`ray.init()` would retry for minutes)."""
+`ray.init()` would retry for minutes). The same job also carries an ``--init-from`` (fine-tuning):
+the worker loads the checkpoint the driver resolved."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_a_recorded_dead_cluster_is_not_joined(tmp_path):
+def test_a_recorded_dead_cluster_is_not_joined(tmp_path, small_run):
     # Ray reads $TMPDIR/ray/ray_current_cluster; a short private TMPDIR keeps its socket paths short.
     tmpdir = Path(tempfile.mkdtemp(prefix="tg-rec-", dir="/tmp"))
     try:
@@ -29,7 +30,7 @@ def test_a_recorded_dead_cluster_is_not_joined(tmp_path):
         env.pop("RAY_ADDRESS", None)
         proc = subprocess.run(
             [sys.executable, "-m", "jobs.train", "--preset", "small", "--epochs", "1", "--num-workers", "1",
-             "--storage-path", str(tmp_path / "runs"), "--name", "own-ray"],
+             "--storage-path", str(tmp_path / "runs"), "--name", "own-ray", "--init-from", str(small_run)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
     finally:
@@ -37,4 +38,8 @@ def test_a_recorded_dead_cluster_is_not_joined(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "Connecting to existing Ray cluster" not in output
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["epochs"] == 1
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == 1
+    assert f"fine-tuning from {small_run / 'best'}" in output and "no new characters" in output
+    state = json.loads((Path(result["best_checkpoint"]) / "state.json").read_text())
+    assert state["init_from"]["checkpoint"] == str((small_run / "best").resolve())

@@ -100,6 +100,27 @@ def test_max_vocab_maps_the_rare_characters_to_one_unknown(tmp_path):
     assert open_dataset(out).vocab.chars == ("a", "b", "c", UNKNOWN)
 
 
+def test_a_base_vocabulary_is_kept_and_extended_in_sorted_order(tmp_path):
+    """For --init-from: the checkpoint's characters keep a place (even those the corpus lacks, or
+    would drop as rare), the corpus' new ones join them, the ids are the union's; the cache key
+    includes the base (the default, none, keeps the fingerprint of before)."""
+    from textgen.prepare import fingerprint
+
+    f = tmp_path / "t.txt"
+    f.write_text("aaaaabbbbcccdde" * 3, encoding="utf-8")
+    opts = PrepareOptions(max_vocab=4, val_fraction=0.2, base_vocab=("x", "d", "a"))
+    ds = open_dataset(prepare([f], tmp_path / "ds", opts, progress=False)[0])
+    assert ds.vocab.chars == ("a", "b", "c", "d", "x", UNKNOWN)  # "d" kept by the base, "e" dropped
+    assert ds.meta["unknown"]["mapped_chars"] == ["e"] and ds.meta["base_vocab"] == ["a", "d", "x"]
+    ids = np.concatenate([_ids(ds.path, "train"), _ids(ds.path, "val")])
+    assert ds.vocab.decode(ids) == ("aaaaabbbbcccdd" + UNKNOWN) * 3
+    assert fingerprint([f], opts) != fingerprint([f], PrepareOptions(max_vocab=4, val_fraction=0.2))
+    assert open_dataset(prepare([f], tmp_path / "ds2", PrepareOptions(base_vocab=("z",)), progress=False)[0]
+                        ).vocab.chars == ("a", "b", "c", "d", "e", "z")
+    with pytest.raises(PrepareError, match="single characters"):
+        PrepareOptions(base_vocab=("ab",))
+
+
 def test_mostly_unknown_is_refused(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("".join(chr(0x4E00 + i) for i in range(100)) + "ab" * 10, encoding="utf-8")

@@ -31,12 +31,16 @@ def print_result(obj: dict[str, Any]) -> None:
 # Subcommands
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    quiet_tensorflow()
-    model_cfg, train_cfg = configs_from_args(args)
-    out = Path(args.out or f"runs/{args.preset}")
+def _run_start(args: argparse.Namespace, out: Path):
+    """(model config, train config, the checkpoint to resume, the one to fine-tune from) of a
+    ``textgen train`` run in ``out``."""
     from textgen import checkpoint as ckptlib
+    from textgen import finetune
 
+    if args.resume and args.init_from is not None:
+        raise TextgenError("--init-from starts a new run from a checkpoint's weights, --resume continues the "
+                           f"run in {out}: pass one of them (a fine-tuning run resumes with --resume alone)")
+    model_cfg, train_cfg, init_from = finetune.from_args(args, *configs_from_args(args))
     if out.exists() and not out.is_dir():
         raise TextgenError(f"--out {out} is a file; training writes a directory there: choose another --out")
     resume_from = None
@@ -53,11 +57,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TextgenError(
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
         )
+    return model_cfg, train_cfg, resume_from, init_from
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    quiet_tensorflow()
+    out = Path(args.out or f"runs/{args.preset}")
+    model_cfg, train_cfg, resume_from, init_from = _run_start(args, out)
+    from textgen.finetune import base_vocab
     from textgen.train import LocalSink, fit, prepare_data, settle_train_config
 
     data = prepare_data(args.corpus, model_cfg, train_cfg, data=args.data, max_vocab=args.max_vocab,
-                        min_count=args.min_count, progress=args.progress, log=eprint)
+                        min_count=args.min_count, progress=args.progress, log=eprint,
+                        base_vocab=base_vocab(init_from, resume_from))
     train_cfg = settle_train_config(train_cfg, data, args.val_fraction, args.lowercase)
     if resume_from is not None and resume_from.vocab != data.vocab:
         raise TextgenError(
@@ -68,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
            f"train {data.n_train:,} / validation {data.n_val:,}; preset {args.preset}; out {out}")
     sink = LocalSink(out)
     try:
-        summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from,
+        summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from, init_from=init_from,
                       progress=args.progress, log=eprint)
     except KeyboardInterrupt:
         eprint(f"interrupted; every finished epoch is saved in {out}: continue with --resume")
@@ -79,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "checkpoint": str(sink.best.resolve()) if sink.best.is_dir() else None,
         "out": str(out.resolve()),
         "loss_curve": str(plot) if plot else None,
+        "init_from": None if init_from is None else str(init_from.path.resolve()),
     }
     print_result(result)
     return 0
@@ -87,8 +100,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from textgen.prepare import PrepareOptions, prepare
 
+    base = ()
+    if args.vocab_from is not None:
+        from textgen.finetune import check_data, load_init
+
+        init = load_init(args.vocab_from, "--vocab-from")
+        check_data(init, init.vocab, args.lowercase, "to prepare")  # the case the checkpoint was trained on
+        base = init.vocab.chars
     opts = PrepareOptions(lowercase=args.lowercase, val_fraction=args.val_fraction, max_vocab=args.max_vocab,
-                          min_count=args.min_count, shard_mb=args.shard_mb)
+                          min_count=args.min_count, shard_mb=args.shard_mb, base_vocab=base)
     out, reused = prepare(args.corpus, args.out, opts, progress=args.progress, log=eprint, force=args.force)
     if reused:
         eprint(f"{out} is up to date (same sources and options): reused")
@@ -110,6 +130,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=1, help="map characters seen fewer times to U+FFFD")
     p.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="prepare again even if --out is up to date")
+    p.add_argument("--vocab-from", metavar="CHECKPOINT",
+                   help="keep every character of this checkpoint's vocabulary (for train --init-from)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

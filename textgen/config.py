@@ -265,6 +265,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", action="store_true", default=None,
                    help="float16 compute with float32 logits (GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: a new run from this checkpoint's weights (a checkpoint, a training --out "
+                        "directory: its best/, or a Ray run directory) with its architecture and case, its "
+                        "vocabulary extended by the corpus' characters; fresh optimizer and run state")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:

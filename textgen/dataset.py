@@ -178,10 +178,10 @@ def locate(data: str | Path | None, corpus: Sequence[str | Path] | None, opts: P
 
 
 def check_location(data: str | Path | None, corpus: Sequence[str | Path] | None, opts: PrepareOptions,
-                   progress: bool = False) -> None:
+                   progress: bool = False) -> dict[str, Any]:
     """What a Ray driver checks before workers start: the corpus prepares (into this machine's
-    cache, which workers here reuse), or the dataset opens; of a URI only its ``dataset.json``."""
+    cache, which workers here reuse), or the dataset opens; of a URI only its ``dataset.json``.
+    Returns the dataset's ``dataset.json``."""
     if data is not None and is_uri(data) and not corpus:
-        read_meta(fetch_dataset(str(data), splits=()))
-    else:
-        locate(data, corpus, opts, progress=progress)
+        return read_meta(fetch_dataset(str(data), splits=()))
+    return locate(data, corpus, opts, progress=progress).meta

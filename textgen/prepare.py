@@ -19,7 +19,11 @@ Vocabulary: the sorted distinct characters, as ``Vocab.from_text``. With ``max_v
 ``min_count`` only the most frequent characters are kept (at least ``min_count`` occurrences, at most
 ``max_vocab - 1`` of them) and every other character becomes ONE unknown id: the id of ``UNKNOWN``
 (U+FFFD), added to the vocabulary; ``dataset.json`` says how many characters were mapped and which.
-A corpus of which more than ``MAX_UNKNOWN_FRACTION`` would be unknown is refused.
+A corpus of which more than ``MAX_UNKNOWN_FRACTION`` would be unknown is refused. With
+``base_vocab`` (the vocabulary of a checkpoint to fine-tune, ``textgen train --init-from``) the
+vocabulary is the union of those characters and the corpus' own (chosen as above): a base character
+is never mapped to the unknown one, whether or not the corpus holds it, so the shards are written in
+the ids of the model being fine-tuned, extended by the corpus' new characters.
 
 Held-out split: the tail ``val_fraction`` of every file (``held_out_length`` of its characters,
 the joining newline included). For one file that is the tail of the corpus, as before; for many it
@@ -76,8 +80,12 @@ class PrepareOptions:
     max_vocab: int | None = None  # at most this many characters, the unknown one included
     min_count: int = 1  # keep characters seen at least this often
     shard_mb: float = 64.0
+    base_vocab: tuple[str, ...] = ()  # characters the vocabulary keeps in any case (sorted; --init-from)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "base_vocab", tuple(sorted(set(self.base_vocab))))
+        if any(not isinstance(c, str) or len(c) != 1 for c in self.base_vocab):
+            raise PrepareError("base_vocab entries must be single characters")
         if not 0.0 < self.val_fraction < 0.5:
             raise PrepareError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_vocab is not None and self.max_vocab < 3:
@@ -250,9 +258,10 @@ def choose_vocab(counts: dict[str, int], opts: PrepareOptions, files: Sequence[s
         room = opts.max_vocab if len(kept) == len(counts) else opts.max_vocab - 1
         if len(kept) > room:
             kept = kept[: opts.max_vocab - 1]
-    dropped = sorted(set(counts) - set(kept))
+    base = set(opts.base_vocab)
+    dropped = sorted(set(counts) - set(kept) - base)
     if not dropped:
-        return Vocab(tuple(sorted(counts))), []
+        return Vocab(tuple(sorted(set(counts) | base))), []
     unknown = sum(counts[c] for c in dropped)
     total = sum(counts.values())
     if unknown > MAX_UNKNOWN_FRACTION * total:
@@ -261,7 +270,7 @@ def choose_vocab(counts: dict[str, int], opts: PrepareOptions, files: Sequence[s
             f"under --max-vocab {opts.max_vocab} / --min-count {opts.min_count}: more than "
             f"{MAX_UNKNOWN_FRACTION:.0%}; raise --max-vocab or lower --min-count"
         )
-    return Vocab(tuple(sorted(set(kept) | {UNKNOWN}))), dropped
+    return Vocab(tuple(sorted(set(kept) | base | {UNKNOWN}))), dropped
 
 
 def id_table(vocab: Vocab, chars: Sequence[str], lower: bool = False) -> np.ndarray:
@@ -348,7 +357,10 @@ def write_shards(directory: Path, c: Census, vocab: Vocab, opts: PrepareOptions,
 def fingerprint(files: Sequence[Path], opts: PrepareOptions) -> str:
     """What decides reuse: every source's resolved path, size and mtime, and the options."""
     sources = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps({"format_version": FORMAT_VERSION, "sources": sources, "options": asdict(opts)})
+    options = asdict(opts)
+    if not options["base_vocab"]:  # as before there was one: caches prepared then are still reused
+        del options["base_vocab"]
+    key = json.dumps({"format_version": FORMAT_VERSION, "sources": sources, "options": options})
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -377,6 +389,7 @@ def _describe(c: Census, vocab: Vocab, dropped: list[str], opts: PrepareOptions,
         "unknown": {"char": UNKNOWN if dropped else None, "id": vocab.index.get(UNKNOWN) if dropped else None,
                     "mapped_chars": dropped, "mapped_count": sum(c.counts[ch] for ch in dropped),
                     "max_vocab": opts.max_vocab, "min_count": opts.min_count},
+        "base_vocab": list(opts.base_vocab),
         "split": {"rule": "tail val_fraction of every file", "val_fraction": opts.val_fraction,
                   "train_characters": sizes["train"], "val_characters": sizes["val"]},
         "shard_mb": opts.shard_mb,

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from textgen import checkpoint as ckptlib
+from textgen import finetune
 from textgen.config import NOTEBOOK, ModelConfig, TrainConfig
 from textgen.dataset import locate
 from textgen.errors import RunFailed
@@ -82,12 +83,13 @@ class TrainData:
 def prepare_data(
     corpus: Sequence[str | Path] | None, model_cfg: ModelConfig, train_cfg: TrainConfig, *,
     data: str | Path | None = None, max_vocab: int | None = None, min_count: int = 1,
-    progress: bool = False, log: Callable[[str], None] = lambda s: None,
+    progress: bool = False, log: Callable[[str], None] = lambda s: None, base_vocab: Sequence[str] = (),
 ) -> TrainData:
     """A prepared dataset (``data``: a directory or a URI), or the corpus prepared into the cache
-    (the bundled one when both are empty): vocabulary and memory-mapped train/val shards."""
+    (the bundled one when both are empty): vocabulary and memory-mapped train/val shards. A corpus
+    is prepared with ``base_vocab`` (``textgen.finetune.base_vocab``) in its vocabulary."""
     opts = PrepareOptions(lowercase=train_cfg.lowercase, val_fraction=train_cfg.val_fraction,
-                          max_vocab=max_vocab, min_count=min_count)
+                          max_vocab=max_vocab, min_count=min_count, base_vocab=tuple(base_vocab))
     ds = locate(data, corpus, opts, progress=progress, log=log)
     out = TrainData(ds.vocab, ds.train, ds.val, str(ds.path), ds.lowercase, ds.val_fraction)
     check_fits(out, model_cfg, train_cfg)
@@ -131,6 +133,7 @@ class RunState:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one (early stopping)
     history: list[dict[str, Any]] = field(default_factory=list)
+    init_from: dict[str, Any] | None = None  # a fine-tuning run's start (``finetune.origin``)
 
     def to_dict(self, seed: int) -> dict[str, Any]:
         return {
@@ -141,6 +144,7 @@ class RunState:
             "bad_epochs": self.bad_epochs,
             "seed": seed,
             "history": self.history,
+            "init_from": self.init_from,
         }
 
     def record(self, epoch: int, val_loss: float, step: int = 0) -> bool:
@@ -165,6 +169,7 @@ class RunState:
             best_epoch=int(s.get("best_epoch", 0)),
             bad_epochs=int(s.get("bad_epochs", 0)),
             history=list(s.get("history", [])),
+            init_from=s.get("init_from"),
         )
 
 
@@ -447,10 +452,17 @@ class EpochResult:
 
 
 def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, strategy, t_start: float,
-           resume_from: ckptlib.Checkpoint | None, log: Callable[[str], None]) -> tuple[Loop, RunState]:
-    """Model, optimizer and run state inside the strategy's scope, restored from ``resume_from``."""
+           resume_from: ckptlib.Checkpoint | None, log: Callable[[str], None],
+           init_from: ckptlib.Checkpoint | None = None) -> tuple[Loop, RunState]:
+    """Model, optimizer and run state inside the strategy's scope, restored from ``resume_from``,
+    else with the weights of ``init_from`` (fine-tuning: ``textgen.finetune``)."""
     n_replicas = strategy.num_replicas_in_sync
     per_replica_batch(train_cfg.batch_size, Shard(0, 1, n_replicas))  # clear error if not divisible
+    init_from = None if resume_from is not None else init_from  # a fine-tuning run resumed continues
+    if init_from is not None:
+        finetune.check_model(init_from, model_cfg)
+        finetune.check_data(init_from, data.vocab, data.lowercase, data.source)
+        source = finetune.source_weights(init_from)  # before seeding: the new model starts as a fresh run's
     keras.utils.set_random_seed(train_cfg.seed)
     with strategy.scope():
         model = build_model(model_cfg, data.vocab.size, mixed_precision=train_cfg.mixed_precision)
@@ -465,6 +477,10 @@ def _build(model_cfg: ModelConfig, train_cfg: TrainConfig, data: TrainData, stra
             within = f" and {state.step} steps of epoch {state.epoch + 1}" if state.step else ""
             log(f"resumed from {resume_from.path} after epoch {state.epoch}{within} "
                 f"(best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch})")
+        elif init_from is not None:
+            finetune.init_weights(model, source, init_from.vocab, data.vocab)
+            state.init_from = finetune.origin(init_from)
+            log(finetune.describe(init_from, data.vocab))
         averages = Averages(model, optimizer)
         if resume_from is not None:
             _restore_training_weights(resume_from, averages)
@@ -596,13 +612,16 @@ def fit(
     *,
     strategy: tf.distribute.Strategy | None = None,
     resume_from: ckptlib.Checkpoint | None = None,
+    init_from: ckptlib.Checkpoint | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Train until ``epochs``, early stopping or the wall-clock budget; report every epoch to ``sink``."""
+    """Train until ``epochs``, early stopping or the wall-clock budget; report every epoch to ``sink``.
+    ``init_from``: a new run from that checkpoint's weights (``textgen.finetune``; ignored when resuming)."""
     t_start = time.monotonic()
-    loop, state = _build(model_cfg, train_cfg, data, strategy or default_strategy(), t_start, resume_from, log)
+    loop, state = _build(model_cfg, train_cfg, data, strategy or default_strategy(), t_start, resume_from, log,
+                         init_from)
     train_time, train_chars = 0.0, 0
     stopped_by = _stop_reason(loop, state)
     if stopped_by == "max_minutes":

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from textgen.config import add_train_args, configs_from_args, quiet_tensorflow
+from textgen.config import add_train_args, configs_from_args, quiet_tensorflow, sample_options_from_args
 from textgen.errors import TextgenError, report_errors
 
 
@@ -34,6 +34,7 @@ def print_result(obj: dict[str, Any]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     model_cfg, train_cfg = configs_from_args(args)
+    samples = sample_options_from_args(args)
     out = Path(args.out or f"runs/{args.preset}")
     from textgen import checkpoint as ckptlib
 
@@ -54,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{out} already holds a training run; pass --resume to continue it, or choose another --out"
         )
 
+    from textgen.observe import RunObserver
     from textgen.train import LocalSink, fit, prepare_data, settle_train_config
 
     data = prepare_data(args.corpus, model_cfg, train_cfg, data=args.data, max_vocab=args.max_vocab,
@@ -68,8 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
            f"train {data.n_train:,} / validation {data.n_val:,}; preset {args.preset}; out {out}")
     sink = LocalSink(out)
     try:
-        summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from,
-                      progress=args.progress, log=eprint)
+        summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from, progress=args.progress,
+                      log=eprint, observer=RunObserver(out, samples, log=eprint))
     except KeyboardInterrupt:
         eprint(f"interrupted; every finished epoch is saved in {out}: continue with --resume")
         return 130

@@ -8,29 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import last_json, run_cli
+from conftest import last_json, read_events, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def read_events(logdir: Path) -> dict[tuple[str, int], object]:
-    """{(tag, step): value} of every event file under ``logdir`` (float scalars, str texts)."""
-    import tensorflow as tf
-
-    found = {}
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for record in tf.data.TFRecordDataset(str(path)):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for v in event.summary.value:
-                value = tf.make_ndarray(v.tensor)
-                plugin = v.metadata.plugin_data.plugin_name
-                found[(v.tag, event.step)] = value.item().decode() if plugin == "text" else float(value)
-                assert plugin in ("scalars", "text"), v.tag
-    return found
 
 
 def test_every_evaluation_has_a_sample_of_vocabulary_characters(small_run):

@@ -5,7 +5,8 @@ runs ``textgen.train.fit`` under ``MultiWorkerMirroredStrategy`` (which also mir
 worker owns). The tf.data pipeline is sharded exactly across workers (see ``textgen.windows``); the
 global batch is ``--batch-size`` and must divide by the number of replicas.
 
-Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (our own layout).
+Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (our own layout)
+and writes samples.jsonl and TensorBoard events (``textgen.observe``) into Ray's run directory.
 Ray keeps the best checkpoints by ``val_loss`` (and always the latest), restarts a failed worker group
 up to ``--max-failures`` times from the latest checkpoint, and a driver started again with the same
 ``--storage-path`` and ``--name`` continues the run.

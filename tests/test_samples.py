@@ -106,14 +106,23 @@ def test_samples_within_epochs_greedy_rows_and_copies_to_remote_storage(tmp_path
     assert _lines(tmp_path / "scratch2" / SAMPLES_FILE) == samples  # what it appends to
 
 
-def test_sample_chars_0_writes_no_samples_but_tensorboard(tmp_path):
+def test_the_cli_logs_samples_and_sample_chars_0_turns_them_off(tmp_path):
+    from textgen.observe import indent
+
     out = tmp_path / "run"
-    code, stdout, stderr = run_cli(["train", "--preset", "small", "--epochs", "1", "--out", str(out),
-                                    "--no-progress", "--sample-chars", "0"])
+    args = ["train", "--preset", "small", "--out", str(out), "--no-progress"]
+    code, _, stderr = run_cli(args + ["--epochs", "1", "--sample-chars", "30", "--sample-temperatures", "0"])
     assert code == 0, stderr
-    assert last_json(stdout)["epochs"] == 1
-    assert not (out / "samples.jsonl").exists() and "sample at temperature" not in stderr
-    assert {tag for tag, _ in read_events(out / "tensorboard")} == {"loss", "val_loss", "val_bpc", "chars_per_s"}
+    (first,) = _lines(out / "samples.jsonl")
+    text = first["samples"][0]["text"]
+    assert len(text) == 30 and "--- sample at temperature 0:\n" + indent(text) in stderr
+    code, stdout, stderr = run_cli(args + ["--epochs", "2", "--resume", "--sample-chars", "0"])
+    assert code == 0, stderr
+    assert last_json(stdout)["epochs"] == 2 and "sample at temperature" not in stderr
+    assert _lines(out / "samples.jsonl") == [first]  # no sample from the resumed run
+    steps = first["global_step"]
+    scalars = {key for key in read_events(out / "tensorboard") if not key[0].startswith("samples/")}
+    assert scalars == {(tag, s) for tag in ("loss", "val_loss", "val_bpc", "chars_per_s") for s in (steps, 2 * steps)}
 
 
 def test_the_notebook_kind_says_once_that_it_draws_no_samples(tmp_path):

@@ -263,6 +263,7 @@ def _check_samples_and_tensorboard(run_path: Path, history: list[dict], output: 
     assert samples[-1]["epoch"] == 2 and len(samples) == output.count("--- sample at temperature 0.5:")
     steps = [s["global_step"] for s in samples]
     assert steps == sorted(set(steps))
+    assert len(list((run_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
     events = read_events(run_path / "tensorboard")
     assert {step for _, step in events} == set(steps)
     assert [events[("val_loss", s["global_step"])] for s in samples[:len(history)]] == [

@@ -5,7 +5,8 @@ runs ``textgen.train.fit`` under ``MultiWorkerMirroredStrategy`` (which also mir
 worker owns). The tf.data pipeline is sharded exactly across workers (see ``textgen.windows``); the
 global batch is ``--batch-size`` and must divide by the number of replicas.
 
-Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (our own layout).
+Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (our own layout)
+and writes samples.jsonl and TensorBoard events (``textgen.observe``) into Ray's run directory.
 Ray keeps the best checkpoints by ``val_loss`` (and always the latest), restarts a failed worker group
 up to ``--max-failures`` times from the latest checkpoint, and a driver started again with the same
 ``--storage-path`` and ``--name`` continues the run.
@@ -100,6 +101,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.gpus_per_worker is not None and args.gpus_per_worker <= 0:
         raise TextgenError(f"--gpus-per-worker must be positive, got {args.gpus_per_worker}")
     _, train_cfg, _ = run_configs(args)
+    cfglib.sample_options_from_args(args)
     replicas = args.num_workers * replicas_per_worker(args)
     if train_cfg.batch_size % replicas:
         raise TextgenError(
@@ -143,6 +145,7 @@ def loop_config(args: argparse.Namespace) -> dict[str, Any]:
         "threads": max(1, int(cpus_per_worker(args))),
         "run_name": args.name,
         "init_from": None if init_from is None else str(init_from.path.resolve()),
+        "samples": cfglib.to_dict(cfglib.sample_options_from_args(args)),
     }
 
 
@@ -165,11 +168,13 @@ def train_loop_per_worker(config: dict[str, Any], on_epoch_start: Callable[[int]
     init_from = _init_checkpoint(config)
     data = _worker_data(config, rank, model_cfg, train_cfg, init_from)
     train_cfg = settle_train_config(train_cfg, data, None, None)
-    with tempfile.TemporaryDirectory(prefix="textgen-resume-") as local_copy:
+    log = _chief_log(rank)
+    with (tempfile.TemporaryDirectory(prefix="textgen-resume-") as local_copy,
+          tempfile.TemporaryDirectory(prefix="textgen-observe-") as scratch):
         fit(
             model_cfg, train_cfg, data, RaySink(rank), strategy=strategy,
-            resume_from=_restored_checkpoint(local_copy), init_from=init_from, progress=False,
-            log=_chief_log(rank), on_epoch_start=on_epoch_start,
+            resume_from=_restored_checkpoint(local_copy), init_from=init_from, progress=False, log=log,
+            on_epoch_start=on_epoch_start, observer=_chief_observer(rank, config, log, scratch),
         )
 
 
@@ -211,6 +216,38 @@ def _restored_checkpoint(local_copy: str):
     return None if restored is None else ckptlib.load_checkpoint(restored.to_directory(local_copy))
 
 
+def _chief_observer(rank: int, config: dict[str, Any], log: Callable[[str], None], scratch: str):
+    """Rank 0's samples and TensorBoard events, in Ray's run directory ``<storage_path>/<name>/``
+    (beside Ray's checkpoints); None on the other ranks."""
+    if rank != 0:
+        return None
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    samples = cfglib.SampleOptions(**config["samples"])
+    return run_dir_observer(storage.storage_filesystem, storage.experiment_fs_path, samples, log, scratch)
+
+
+def run_dir_observer(fs, run_dir: str, samples, log: Callable[[str], None], scratch: str):
+    """An observer writing into ``run_dir`` on the pyarrow filesystem ``fs``: directly on a local
+    (shared) one; else into the local directory ``scratch``, copied to ``run_dir`` after every
+    evaluation, samples.jsonl first copied from there (a resumed run appends to it)."""
+    import pyarrow.fs
+
+    from textgen.observe import SAMPLES_FILE, RunObserver
+
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return RunObserver(run_dir, samples, log)
+    local = Path(scratch)
+    if fs.get_file_info(f"{run_dir}/{SAMPLES_FILE}").type == pyarrow.fs.FileType.File:
+        pyarrow.fs.copy_files(f"{run_dir}/{SAMPLES_FILE}", str(local / SAMPLES_FILE), source_filesystem=fs)
+
+    def upload() -> None:
+        pyarrow.fs.copy_files(str(local), run_dir, destination_filesystem=fs, use_threads=False)
+
+    return RunObserver(local, samples, log, after=upload)
+
+
 def _chief_log(rank: int) -> Callable[[str], None]:
     def log(msg: str) -> None:
         # Not print(): Ray Train patches it to go to both stdout and the root logger (twice on screen).
@@ -224,8 +261,9 @@ def _chief_log(rank: int) -> Callable[[str], None]:
 class RaySink:
     """Every rank reports every epoch (``report`` is a barrier); rank 0 attaches the checkpoint."""
 
-    REPORTED = ("epoch", "loss", "val_loss", "val_bpc", "chars_per_s", "best_val_loss", "best_epoch",
-                "steps", "partial", "elapsed_s", "replicas", "replica_weight_spread")
+    REPORTED = ("epoch", "epoch_progress", "loss", "val_loss", "val_bpc", "chars_per_s", "best_val_loss",
+                "best_epoch", "steps", "partial", "elapsed_s", "replicas", "replica_weight_spread")
+    REPORTED_WHEN_PRESENT = ("learning_rate",)
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -234,6 +272,7 @@ class RaySink:
         import ray.train
 
         reported = {k: metrics[k] for k in self.REPORTED}
+        reported.update({k: metrics[k] for k in self.REPORTED_WHEN_PRESENT if k in metrics})
         if self.rank != 0:
             ray.train.report(reported)
             return

@@ -49,6 +49,22 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def read_events(logdir: Path) -> dict[tuple[str, int], object]:
+    """{(tag, step): value} of every event file under ``logdir`` (float scalars, str texts)."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                plugin = v.metadata.plugin_data.plugin_name
+                assert plugin in ("scalars", "text"), v.tag
+                value = tf.make_ndarray(v.tensor)
+                found[(v.tag, event.step)] = value.item().decode() if plugin == "text" else float(value)
+    return found
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """Output directory of ``textgen train --preset small --epochs 2`` on the bundled corpus."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, read_events
 
 pytestmark = pytest.mark.slow
 
@@ -242,9 +242,31 @@ def test_two_workers_train_on_a_prepared_dataset_from_a_uri(corpus, tmp_path):
     args = _job_args(corpus, tmp_path / "runs", "from-uri", 2, "--eval-every-steps", "10")
     i = args.index("--corpus")
     args[i:i + 2] = ["--data", f"file://{data}"]
-    result = _result(_run_job(args, env=_env(TEXTGEN_CACHE=str(tmp_path / "cache"))))
+    proc = _run_job(args, env=_env(TEXTGEN_CACHE=str(tmp_path / "cache")))
+    result = _result(proc)
     ckpt = Path(result["best_checkpoint"])
     history = _history(ckpt)
     assert result["epochs"] == 2 and any(m["partial"] for m in history) and not history[-1]["partial"]
     fetched = next((tmp_path / "cache" / "remote").iterdir())
     assert sorted(p.name for p in fetched.iterdir()) == ["dataset.json", "train-00000.bin", "val-00000.bin"]
+    _check_samples_and_tensorboard(Path(result["run_path"]), history, proc.stdout + proc.stderr)
+
+
+def _check_samples_and_tensorboard(run_path: Path, history: list[dict], output: str) -> None:
+    """Rank 0 wrote a sample per evaluation and the TensorBoard events into Ray's run directory, and
+    printed the samples once (no other rank did); Ray's reported metrics carry epoch_progress."""
+    import ray.train
+
+    samples = [json.loads(line) for line in (run_path / "samples.jsonl").read_text().splitlines()]
+    assert [(s["epoch"], s["step_in_epoch"]) for s in samples[:len(history)]] == [
+        (m["epoch"], m["step_in_epoch"]) for m in history]
+    assert samples[-1]["epoch"] == 2 and len(samples) == output.count("--- sample at temperature 0.5:")
+    steps = [s["global_step"] for s in samples]
+    assert steps == sorted(set(steps))
+    assert len(list((run_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
+    events = read_events(run_path / "tensorboard")
+    assert {step for _, step in events} == set(steps)
+    assert [events[("val_loss", s["global_step"])] for s in samples[:len(history)]] == [
+        pytest.approx(m["val_loss"], rel=1e-6) for m in history]
+    reported = [m for _, m in ray.train.Result.from_path(str(run_path)).best_checkpoints]
+    assert reported and all(0 < m["epoch_progress"] <= 2 for m in reported)

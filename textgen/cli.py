@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from textgen.config import add_train_args, configs_from_args, quiet_tensorflow
+from textgen.config import add_train_args, configs_from_args, quiet_tensorflow, sample_options_from_args
 from textgen.errors import TextgenError, report_errors
 
 
@@ -64,7 +64,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     out = Path(args.out or f"runs/{args.preset}")
     model_cfg, train_cfg, resume_from, init_from = _run_start(args, out)
+    samples = sample_options_from_args(args)
     from textgen.finetune import base_vocab
+    from textgen.observe import RunObserver
     from textgen.train import LocalSink, fit, prepare_data, settle_train_config
 
     data = prepare_data(args.corpus, model_cfg, train_cfg, data=args.data, max_vocab=args.max_vocab,
@@ -81,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     sink = LocalSink(out)
     try:
         summary = fit(model_cfg, train_cfg, data, sink, resume_from=resume_from, init_from=init_from,
-                      progress=args.progress, log=eprint)
+                      progress=args.progress, log=eprint,
+                      observer=RunObserver(out, samples, log=eprint))
     except KeyboardInterrupt:
         eprint(f"interrupted; every finished epoch is saved in {out}: continue with --resume")
         return 130

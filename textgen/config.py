@@ -269,6 +269,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="fine-tune: a new run from this checkpoint's weights (a checkpoint, a training --out "
                         "directory: its best/, or a Ray run directory) with its architecture and case, its "
                         "vocabulary extended by the corpus' characters; fresh optimizer and run state")
+    p.add_argument("--sample-chars", type=int, metavar="N",
+                   help=f"after every evaluation, log a sample of N characters (default {SampleOptions.chars}; "
+                        f"at most {MAX_SAMPLE_CHARS}; 0: none) and append it to samples.jsonl")
+    p.add_argument("--sample-temperatures", type=_temperatures, metavar="T,T",
+                   help="one sample at each temperature (default 0.5,1.0; 0: greedy)")
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -288,6 +293,41 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         min_lr_fraction=args.min_lr_fraction, weight_decay=args.weight_decay, ema_momentum=args.ema_momentum,
     )
     return model, train
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples while training (observability: not part of the run's configs, nor of its checkpoints)
+
+MAX_SAMPLE_CHARS = 1000  # a sample is a glance at the model, not a generation run
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    chars: int = 150  # characters of every sample after every evaluation; 0: no samples
+    temperatures: tuple[float, ...] = (0.5, 1.0)  # one sample (one batch row) each; 0: greedy
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
+        if not 0 <= self.chars <= MAX_SAMPLE_CHARS:
+            raise ConfigError(f"--sample-chars must be 0 to {MAX_SAMPLE_CHARS}, got {self.chars}")
+        if not self.temperatures or not all(0.0 <= t < float("inf") for t in self.temperatures):
+            raise ConfigError(f"--sample-temperatures must be one or more numbers >= 0, got {self.temperatures}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.chars > 0
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected temperatures like 0.5,1.0, got {text!r}") from None
+
+
+def sample_options_from_args(args: argparse.Namespace) -> SampleOptions:
+    """The samples' options with the flags that were given (a ConfigError for values out of range)."""
+    return replace(SampleOptions(), chars=args.sample_chars, temperatures=args.sample_temperatures)
 
 
 def quiet_tensorflow() -> None:

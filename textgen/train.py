@@ -125,6 +125,13 @@ class Sink(Protocol):
     def epoch_end(self, metrics: dict[str, Any], save: Callable[[Path], Path], improved: bool) -> None: ...
 
 
+class Observer(Protocol):
+    """What the chief does after every evaluation besides reporting: samples and TensorBoard
+    (``textgen.observe.RunObserver``); only the chief has one."""
+
+    def evaluated(self, loop: Loop, metrics: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # completed epochs
@@ -372,6 +379,7 @@ class Loop:
     last_eval: float = 0.0  # monotonic time of the last evaluation (or of the start)
     time_spent: float = 0.0  # fraction of --max-minutes spent at the last check, agreed by every worker
     learning_rate: float = 0.0  # the rate of the last step
+    observer: Observer | None = None  # the chief's samples and TensorBoard, after every evaluation
 
     @property
     def n_steps(self) -> int:
@@ -590,6 +598,8 @@ def evaluate(loop: Loop, state: RunState, sink: Sink, epoch: int, result: EpochR
         state.history.append(metrics)
         log(_epoch_line(metrics, loop.train_cfg.epochs, improved, loop.n_steps))
         sink.epoch_end(metrics, loop.saver(metrics, state), improved)
+        if loop.observer is not None:  # with the averaged weights validated and saved: the sample shows them
+            loop.observer.evaluated(loop, metrics)
     loop.last_eval = time.monotonic()
 
 
@@ -616,12 +626,14 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch_start: Callable[[int], None] | None = None,
+    observer: Observer | None = None,
 ) -> Summary:
     """Train until ``epochs``, early stopping or the wall-clock budget; report every epoch to ``sink``.
     ``init_from``: a new run from that checkpoint's weights (``textgen.finetune``; ignored when resuming)."""
     t_start = time.monotonic()
     loop, state = _build(model_cfg, train_cfg, data, strategy or default_strategy(), t_start, resume_from, log,
                          init_from)
+    loop.observer = observer
     train_time, train_chars = 0.0, 0
     stopped_by = _stop_reason(loop, state)
     if stopped_by == "max_minutes":

@@ -261,9 +261,8 @@ def _chief_log(rank: int) -> Callable[[str], None]:
 class RaySink:
     """Every rank reports every epoch (``report`` is a barrier); rank 0 attaches the checkpoint."""
 
-    REPORTED = ("epoch", "epoch_progress", "loss", "val_loss", "val_bpc", "chars_per_s", "best_val_loss",
-                "best_epoch", "steps", "partial", "elapsed_s", "replicas", "replica_weight_spread")
-    REPORTED_WHEN_PRESENT = ("learning_rate",)
+    REPORTED = ("epoch", "epoch_progress", "loss", "val_loss", "val_bpc", "chars_per_s", "learning_rate",
+                "best_val_loss", "best_epoch", "steps", "partial", "elapsed_s", "replicas", "replica_weight_spread")
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -272,7 +271,6 @@ class RaySink:
         import ray.train
 
         reported = {k: metrics[k] for k in self.REPORTED}
-        reported.update({k: metrics[k] for k in self.REPORTED_WHEN_PRESENT if k in metrics})
         if self.rank != 0:
             ray.train.report(reported)
             return

@@ -254,7 +254,7 @@ def test_two_workers_train_on_a_prepared_dataset_from_a_uri(corpus, tmp_path):
 
 def _check_samples_and_tensorboard(run_path: Path, history: list[dict], output: str) -> None:
     """Rank 0 wrote a sample per evaluation and the TensorBoard events into Ray's run directory, and
-    printed the samples once (no other rank did); Ray's reported metrics carry epoch_progress."""
+    printed the samples once (no other rank did); Ray's reported metrics carry epoch_progress and the learning rate."""
     import ray.train
 
     samples = [json.loads(line) for line in (run_path / "samples.jsonl").read_text().splitlines()]
@@ -270,3 +270,4 @@ def _check_samples_and_tensorboard(run_path: Path, history: list[dict], output: 
         pytest.approx(m["val_loss"], rel=1e-6) for m in history]
     reported = [m for _, m in ray.train.Result.from_path(str(run_path)).best_checkpoints]
     assert reported and all(0 < m["epoch_progress"] <= 2 for m in reported)
+    assert all(m["learning_rate"] > 0 and m["val_bpc"] > 0 for m in reported)

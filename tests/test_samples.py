@@ -38,7 +38,7 @@ def test_tensorboard_events_hold_the_metrics_and_the_samples(small_run):
     metrics, samples = _lines(small_run / "metrics.jsonl"), _lines(small_run / "samples.jsonl")
     expected = {}
     for m, s in zip(metrics, samples):
-        for tag in ("loss", "val_loss", "val_bpc", "chars_per_s"):
+        for tag in ("loss", "val_loss", "val_bpc", "learning_rate", "chars_per_s"):
             expected[(tag, s["global_step"])] = pytest.approx(m[tag], rel=1e-6)  # stored as float32
         for x in s["samples"]:
             expected[(f"samples/temperature_{x['temperature']:g}", s["global_step"])] = x["text"]
@@ -122,7 +122,7 @@ def test_the_cli_logs_samples_and_sample_chars_0_turns_them_off(tmp_path):
     assert _lines(out / "samples.jsonl") == [first]  # no sample from the resumed run
     steps = first["global_step"]
     scalars = {key for key in read_events(out / "tensorboard") if not key[0].startswith("samples/")}
-    assert scalars == {(tag, s) for tag in ("loss", "val_loss", "val_bpc", "chars_per_s") for s in (steps, 2 * steps)}
+    assert scalars == {(tag, s) for tag in ("loss", "val_loss", "val_bpc", "learning_rate", "chars_per_s") for s in (steps, 2 * steps)}
 
 
 def test_the_notebook_kind_says_once_that_it_draws_no_samples(tmp_path):

@@ -22,7 +22,7 @@ import tensorflow as tf
 from textgen.config import CHAR, SampleOptions
 from textgen.samples import Sampler
 
-SCALARS = ("loss", "val_loss", "val_bpc", "learning_rate", "chars_per_s")  # each when in the metrics
+SCALARS = ("loss", "val_loss", "val_bpc", "learning_rate", "chars_per_s")  # of the metrics
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -53,8 +53,7 @@ class RunObserver:
             self.writer = tf.summary.create_file_writer(str(self.out / TENSORBOARD_DIR))
         with self.writer.as_default(step=step):
             for tag in SCALARS:
-                if metrics.get(tag) is not None:
-                    tf.summary.write(tag, tf.constant(metrics[tag], tf.float32), metadata=_plugin("scalars"))
+                tf.summary.write(tag, tf.constant(metrics[tag], tf.float32), metadata=_plugin("scalars"))
             texts = self.draw(loop)
             for t, text in zip(self.options.temperatures, texts):
                 tf.summary.write(f"samples/temperature_{t:g}", tf.constant(text), metadata=_plugin("text"))

@@ -57,7 +57,7 @@ RANKS = [
     ("textgen.windows",),
     ("textgen.model",),
     ("textgen.checkpoint", "textgen.runs"),
-    ("textgen.train",),
+    ("textgen.train", "textgen.dyneval"),
     ("jobs.train", "jobs.__main__"),
     ("export.generation",),
     ("export.onnx",),

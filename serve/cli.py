@@ -67,7 +67,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
+    p.add_argument("model", help="the exported model (.onnx) from `textgen export` (with --dynamic: the "
+                                 "training checkpoint it was exported from)")
     p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                    help="UTF-8 text file(s) or directories of *.txt, as given to `textgen train`; for "
                         f"a model trained on the bundled corpus: {bundled_corpus_path()}")

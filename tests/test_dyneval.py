@@ -58,7 +58,7 @@ def test_dynamic_evaluation_learns_a_repeated_phrase_it_never_saw(evaluator):
     ckpt, ev = evaluator
     ids = ckpt.vocab.encode("zebras quietly juggle six frozen kumquats. " * 60)
     static = ev.run(ids, ckpt.model.seq_len)
-    dynamic = ev.run(ids, ckpt.model.seq_len, lr=DYNAMIC_LR)
+    dynamic = ev.run(ids, ckpt.model.seq_len, lr=0.003)
     assert dynamic.chars == static.chars > 2000
     assert dynamic.loss_nats < static.loss_nats - 0.5, (static, dynamic)
     assert abs(ev.run(ids, ckpt.model.seq_len).loss_nats - static.loss_nats) < 1e-6  # the weights were put back

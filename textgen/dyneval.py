@@ -12,8 +12,8 @@ the next window:
 (SGD, with an optional pull back towards the trained weights). Both rates are per target character
 (the loss is a sum, the pull is seq_len times ``decay``), so a value tuned at one --seq-len carries
 over to another, as in the paper, whose rates scale with the segment length. The static loss is the
-same pass without the steps. It runs the step model of ``textgen.model`` (explicit state, no dropout) built
-from the training checkpoint, whose files are only read.
+same pass without the steps. It runs the step model of ``textgen.model`` (explicit state, no
+dropout) built from the training checkpoint, whose files are only read.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="the exported model (.onnx) from `textgen export`")
+    p.add_argument("model", help="the exported model (.onnx) from `textgen export` (with --dynamic: the "
+                                 "training checkpoint it was exported from)")
     p.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                    help="UTF-8 text file(s) or directories of *.txt, as given to `textgen train`; for "
                         f"a model trained on the bundled corpus: {bundled_corpus_path()}")
@@ -175,7 +176,7 @@ def _tell_seed(asked: int | None, used: int | None) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from serve.onnx_model import OnnxModel
-    from textgen.text import held_out_length, read_corpus
+    from textgen.text import eval_ids
 
     if args.batch_size < 1:
         raise GeneratorError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -184,8 +185,7 @@ def _eval(args: argparse.Namespace) -> int:
     if info.model_config.get("kind", "char") != "char" or not isinstance(info.model_config.get("seq_len"), int):
         raise GeneratorError(f"{args.model}: {contract.META_MODEL_CONFIG} has no char-model seq_len; export it again")
     seq_len = info.model_config["seq_len"]
-    text = read_corpus(args.corpus, lowercase=info.lowercase).text
-    ids, skipped = model.vocabulary.encode_counting(text, unknown="skip", what="corpus")
+    val_fraction = None
     if args.split == "val":
         val_fraction = info.train_config.get("val_fraction")
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
@@ -193,12 +193,7 @@ def _eval(args: argparse.Namespace) -> int:
                 f"{args.model} does not say which part of the corpus was held out (no val_fraction in "
                 f"{contract.META_TRAIN_CONFIG}); use --split all"
             )
-        ids = ids[len(ids) - held_out_length(len(ids), val_fraction) :]
-    if len(ids) < seq_len + 1:
-        raise GeneratorError(
-            f"the {args.split} text has {len(ids)} known characters, fewer than one window of "
-            f"seq_len + 1 = {seq_len + 1}; give a longer corpus"
-        )
+    ids, skipped = eval_ids(args.corpus, model.vocabulary, info.lowercase, val_fraction, seq_len)
     total, chars, windows = model.window_loss(ids, seq_len, args.batch_size)
     loss = total / chars
     if not math.isfinite(loss):

@@ -58,7 +58,7 @@ RANKS = [
     ("textgen.model",),
     ("textgen.checkpoint", "textgen.runs", "textgen.samples"),
     ("textgen.finetune", "textgen.observe"),
-    ("textgen.train",),
+    ("textgen.train", "textgen.dyneval"),
     ("jobs.train", "jobs.__main__"),
     ("export.generation",),
     ("export.onnx",),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -151,10 +152,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_main(args)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from serve.cli import eval_main
+DYNAMIC_LR = 0.001  # per target character: the best of those measured on the bundled book (README, "Evaluate")
+DYNAMIC_FLAGS = (("--seq-len", "seq_len"), ("--dynamic-lr", "dynamic_lr"), ("--dynamic-decay", "dynamic_decay"))
 
-    return eval_main(args)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if not args.dynamic:
+        given = [flag for flag, dest in DYNAMIC_FLAGS if getattr(args, dest) is not None]
+        if given:
+            raise TextgenError(f"{', '.join(given)}: only with --dynamic (dynamic evaluation of a checkpoint)")
+        from serve.cli import eval_main
+
+        return eval_main(args)
+    ckpt = _dynamic_checkpoint(args.model)  # mistakes are found before TensorFlow loads
+    seq_len = ckpt.model.seq_len if args.seq_len is None else args.seq_len
+    lr = DYNAMIC_LR if args.dynamic_lr is None else args.dynamic_lr
+    decay = args.dynamic_decay or 0.0
+    for bad, what in ((seq_len < 1, f"--seq-len must be at least 1, got {seq_len}"),
+                      (not 0 <= lr < math.inf, f"--dynamic-lr must be a number >= 0, got {lr}"),
+                      (not 0 <= decay * seq_len <= 1, f"--dynamic-decay must be in [0, 1/seq_len = "
+                                                      f"{1 / max(seq_len, 1):g}], got {decay}")):
+        if bad:
+            raise TextgenError(what)
+    quiet_tensorflow()
+    try:
+        from textgen import dyneval
+    except ImportError as e:
+        raise TextgenError(f"textgen eval --dynamic needs TensorFlow: pip install 'textgen[train]' ({e})") from None
+    print_result(dyneval.evaluate(ckpt, args.corpus, args.split, seq_len, lr, decay, log=eprint))
+    return 0
+
+
+def _dynamic_checkpoint(path: str):
+    from textgen import checkpoint as ckptlib
+
+    if Path(path).suffix == ".onnx" or Path(path).is_file():
+        what = "the ONNX file" if Path(path).suffix == ".onnx" else "a file"
+        raise TextgenError(f"{path}: dynamic evaluation needs the training checkpoint (a checkpoint directory, "
+                           f"or a training --out directory for its best/), not {what}")
+    return ckptlib.load_checkpoint(ckptlib.resolve_checkpoint(path))
+
+
+def add_dynamic_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dynamic evaluation (Krause et al. 2018; needs the train extra)")
+    g.add_argument("--dynamic", action="store_true",
+                   help="MODEL is the training checkpoint; the model takes a gradient step after scoring each "
+                        "window of the text, the LSTM state carried across windows; also prints the static loss")
+    g.add_argument("--seq-len", type=int, metavar="N", help="characters per window (default: the model's)")
+    g.add_argument("--dynamic-lr", type=float, metavar="LR",
+                   help=f"SGD step per target character (the gradient of a window's summed loss; default: {DYNAMIC_LR})")
+    g.add_argument("--dynamic-decay", type=float, metavar="D",
+                   help="pull back towards the trained weights, per target character (default: 0)")
+
+
+def add_eval_and_dynamic_args(p: argparse.ArgumentParser) -> None:
+    from serve.cli import add_eval_args
+
+    add_eval_args(p)
+    add_dynamic_eval_args(p)
 
 
 def cmd_vectors(args: argparse.Namespace) -> int:
@@ -184,12 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     from export.cli import add_export_args
-    from serve.cli import add_eval_args, add_generate_args, add_serve_args, add_vectors_args
+    from serve.cli import add_generate_args, add_serve_args, add_vectors_args
 
     for name, help_, add_args, func in (
         ("export", "export a checkpoint to one ONNX file (needs the train extra)", add_export_args, cmd_export),
         ("generate", "generate text from an ONNX model (no TensorFlow)", add_generate_args, cmd_generate),
-        ("eval", "held-out loss of an ONNX model on a corpus", add_eval_args, cmd_eval),
+        ("eval", "held-out loss of an ONNX model on a corpus (--dynamic: of a checkpoint, learning as it reads)",
+         add_eval_and_dynamic_args, cmd_eval),
         ("vectors", "write or check conformance vectors of an ONNX model (docs/format.md)", add_vectors_args,
          cmd_vectors),
         ("serve", "HTTP generation service on uvicorn (needs the serve extra; no TensorFlow)", add_serve_args,

@@ -249,6 +249,24 @@ def held_out_length(n: int, val_fraction: float) -> int:
     return int(round(n * val_fraction))
 
 
+def eval_ids(paths: Sequence[str | Path] | None, vocab: Vocab, lowercase: bool, val_fraction: float | None,
+             seq_len: int) -> tuple[np.ndarray, int]:
+    """The ids ``textgen eval`` scores (with or without ``--dynamic``): the corpus read as training
+    read it, characters outside the vocabulary skipped, then the held-out tail (``val_fraction`` of
+    the ids; None: all of them). At least one window of seq_len + 1. Returns (ids, skipped)."""
+    text = read_corpus(paths, lowercase=lowercase).text
+    ids, skipped = vocab.encode_counting(text, unknown="skip", what="corpus")
+    if val_fraction is not None:
+        ids = ids[len(ids) - held_out_length(len(ids), val_fraction) :]
+    if len(ids) < seq_len + 1:
+        what = "held-out tail" if val_fraction is not None else "text"
+        raise CorpusError(
+            f"the {what} has {len(ids)} known characters, fewer than one window of "
+            f"seq_len + 1 = {seq_len + 1}; give a longer corpus"
+        )
+    return ids, skipped
+
+
 def split_ids(ids: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Split into a training head and a contiguous validation tail; no window crosses the boundary
     because each part is windowed on its own. Both parts must hold at least one window."""

@@ -21,12 +21,15 @@ def test_the_schedule_warms_up_then_decays_to_its_floor_at_the_end_of_the_budget
     assert lr(cfg, 100, 1.0) == pytest.approx(4e-4) == lr(cfg, 100, 7.0)  # the floor, and no further
     rates = [lr(cfg, s, s / 1000) for s in range(10, 1001, 10)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
+    wsd = TrainConfig(learning_rate=1e-2, schedule="wsd", decay_fraction=0.25, min_lr_fraction=0.0)
+    assert [lr(wsd, 100, p) for p in (0.0, 0.5, 0.75, 0.875, 1.0)] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 0.0])
     constant = TrainConfig(learning_rate=1e-3, warmup_steps=4)
     assert [lr(constant, s, s / 10) for s in (0, 3, 9)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
 
 
 @pytest.mark.parametrize("field, value", [("schedule", "linear"), ("warmup_steps", -1), ("ema_momentum", 1.0),
-                                          ("weight_decay", -0.1), ("min_lr_fraction", 1.5)])
+                                          ("weight_decay", -0.1), ("min_lr_fraction", 1.5),
+                                          ("decay_fraction", 0.0)])
 def test_recipe_settings_out_of_range_are_refused(field, value):
     from textgen.config import ConfigError
 

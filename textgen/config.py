@@ -22,7 +22,7 @@ from textgen.errors import TextgenError
 CHAR = "char"  # Embedding -> LSTMs -> Dense logits, a loss at every position of a window.
 NOTEBOOK = "notebook"  # The notebook's model: scaled-integer input, one softmax target per 100-char window.
 MODEL_KINDS = (CHAR, NOTEBOOK)
-SCHEDULES = ("constant", "cosine")  # learning-rate schedules (textgen.train.scheduled_learning_rate)
+SCHEDULES = ("constant", "cosine", "wsd")  # learning-rate schedules (textgen.train.scheduled_learning_rate)
 
 
 class ConfigError(TextgenError):
@@ -59,9 +59,10 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 64  # Global batch (windows per step, summed over all replicas).
     learning_rate: float = 2e-3  # Adam's (peak) rate.
-    schedule: str = "constant"  # "cosine": warm up, then decay to min_lr_fraction at the end of the budget.
-    warmup_steps: int = 0  # Linear warm-up from 0 over this many steps (either schedule).
-    min_lr_fraction: float = 0.1  # "cosine" ends at this fraction of the peak rate.
+    schedule: str = "constant"  # "cosine" decays from the start, "wsd" holds then decays; both end with the budget.
+    warmup_steps: int = 0  # Linear warm-up from 0 over this many steps (any schedule).
+    min_lr_fraction: float = 0.1  # "cosine" and "wsd" end at this fraction of the peak rate.
+    decay_fraction: float = 0.3  # "wsd": the last fraction of the budget, a linear decay to min_lr_fraction.
     weight_decay: float = 0.0  # Decoupled (AdamW) decay of the kernels and embeddings, not the biases.
     ema_momentum: float = 0.0  # > 0: evaluate and checkpoint an exponential moving average of the weights.
     clipnorm: float | None = 5.0  # Clip gradients by global norm (char-rnn's value); None: no clipping.
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("min_lr_fraction", "ema_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -255,7 +258,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule: cosine decays to the end of --max-minutes or --epochs")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
-    p.add_argument("--min-lr-fraction", type=float, help="cosine: the final rate as a fraction of the peak")
+    p.add_argument("--min-lr-fraction", type=float, help="cosine, wsd: the final rate as a fraction of the peak")
+    p.add_argument("--decay-fraction", type=float, help="wsd: decay linearly over this last fraction of the budget")
     p.add_argument("--weight-decay", type=float, help="decoupled weight decay (AdamW) of kernels and embeddings")
     p.add_argument("--ema-momentum", type=float,
                    help="validate and checkpoint a moving average of the weights with this momentum (0: off)")
@@ -307,7 +311,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         val_fraction=args.val_fraction, seed=args.seed, lowercase=args.lowercase,
         mixed_precision=args.mixed_precision, val_chars=args.val_chars, eval_every_steps=args.eval_every_steps,
         eval_every_minutes=args.eval_every_minutes, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        min_lr_fraction=args.min_lr_fraction, weight_decay=args.weight_decay, ema_momentum=args.ema_momentum,
+        min_lr_fraction=args.min_lr_fraction, decay_fraction=args.decay_fraction, weight_decay=args.weight_decay, ema_momentum=args.ema_momentum,
     )
     return model, train
 

@@ -206,15 +206,21 @@ def make_optimizer(cfg: TrainConfig, num_replicas: int) -> keras.optimizers.Opti
 
 
 def scheduled_learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """The rate for global step ``step`` (from 0) when ``progress`` (0..1) of the budget is spent:
-    a linear warm-up over ``warmup_steps``, then constant or a cosine from the peak down to
-    ``min_lr_fraction`` of it at the end of the budget (``--epochs`` or ``--max-minutes``)."""
+    """The rate for global step ``step`` (from 0) when ``progress`` (0..1) of the budget is spent
+    (``--epochs`` or ``--max-minutes``): a linear warm-up over ``warmup_steps``, then constant; or
+    a cosine from the peak down to ``min_lr_fraction`` of it at the end of the budget; or "wsd"
+    (warm-up, stable, decay): the peak until the last ``decay_fraction`` of the budget, then a
+    linear decay to ``min_lr_fraction``."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.schedule == "constant":
-        return cfg.learning_rate * warm
-    floor = cfg.min_lr_fraction
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return cfg.learning_rate * warm * (floor + (1.0 - floor) * cosine)
+    progress, floor = min(max(progress, 0.0), 1.0), cfg.min_lr_fraction
+    if cfg.schedule == "cosine":
+        shape = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "wsd":
+        decayed = max(0.0, progress - (1.0 - cfg.decay_fraction)) / cfg.decay_fraction
+        shape = 1.0 - (1.0 - floor) * decayed
+    else:
+        shape = 1.0
+    return cfg.learning_rate * warm * shape
 
 
 class Averages:

@@ -1,6 +1,7 @@
 """Training throughput: characters of training target per second, ours vs the notebook's approach.
 
     .venv/bin/python -m bench.train_throughput [--presets default notebook-2x256] [--steps 20]
+        [--batch-size N]   # the char presets' batch (the notebook's keep theirs)
 
 Both presets run in this process, on the bundled corpus, through the real training step (the same
 ``Steps`` the loop uses, default strategy, all cores). Prints one JSON line per preset and one with
@@ -10,6 +11,7 @@ the ratio. The notebook's approach gets one target per 100-char window; ours one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -18,7 +20,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def measure(preset_name: str, steps: int, warmup: int) -> dict:
+def measure(preset_name: str, steps: int, warmup: int, batch_size: int | None = None) -> dict:
     import tensorflow as tf
 
     from textgen.config import preset
@@ -27,6 +29,8 @@ def measure(preset_name: str, steps: int, warmup: int) -> dict:
     from textgen.windows import targets_per_window, train_dataset
 
     pre = preset(preset_name)
+    if batch_size and pre.model.kind == "char":
+        pre = dataclasses.replace(pre, train=dataclasses.replace(pre.train, batch_size=batch_size))
     data = prepare_data(None, pre.model, pre.train)
     strategy = tf.distribute.get_strategy()
     model = build_model(pre.model, data.vocab.size)
@@ -60,11 +64,12 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["default", "notebook-2x256"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per preset")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, help="the char presets' global batch (default: the preset's)")
     args = p.parse_args()
     results = []
     for name in args.presets:
         steps = args.steps if not name.startswith("notebook") else max(5, args.steps // 2)
-        r = measure(name, steps, args.warmup)
+        r = measure(name, steps, args.warmup, args.batch_size)
         r["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         results.append(r)
         print(json.dumps(r), flush=True)

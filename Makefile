@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= train,serve,rayserve,dev
 STAMP := $(VENV)/.installed
-# `make run`: the Ray job on a local Ray (2 workers) -> best checkpoint -> ONNX -> a sample.
+# `make run`: the Ray job on a local Ray (one worker, all cores) -> best checkpoint -> ONNX -> a sample.
 # Its training budget is MINUTES (a few on a 2-core laptop). Train longer with e.g.
 #   make run MINUTES=30
-# Running it again with the same NAME continues the same run (Ray resumes from its last checkpoint).
+# Running it again with the same NAME continues the same run (Ray resumes from its last checkpoint;
+# MINUTES counts the whole run).
 MINUTES ?= 5
 NAME ?= make-run
 RUNS := $(CURDIR)/runs

@@ -33,9 +33,9 @@ def test_mixed_precision_keeps_lstm_eligible_and_logits_float32():
 
 def test_default_preset_shape_and_size():
     cfg = preset("default").model
-    assert (cfg.embedding_dim, cfg.lstm_units, cfg.dropout, cfg.seq_len) == (64, (256, 256), 0.25, 100)
-    assert (cfg.input_dropout, cfg.embedding_dropout, cfg.time_locked) == (0.1, 0.0, True)
-    assert preset("default").train.batch_size == 128
+    assert (cfg.embedding_dim, cfg.lstm_units, cfg.dropout, cfg.seq_len) == (64, (256, 256), 0.35, 100)
+    assert (cfg.input_dropout, cfg.embedding_dropout, cfg.time_locked) == (0.15, 0.0, True)
+    assert preset("default").train.batch_size == 64
     model = build_model(cfg, 45)
     out = model(np.zeros((2, 100), np.int32))
     assert out.shape == (2, 100, 45)

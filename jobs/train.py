@@ -274,9 +274,11 @@ class RaySink:
         if self.rank != 0:
             ray.train.report(reported)
             return
-        with tempfile.TemporaryDirectory(prefix="textgen-ckpt-") as tmp:
-            path = save(Path(tmp) / "checkpoint")
-            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        # Uploaded in the background (Ray deletes the local copy once it is stored): a synchronous
+        # upload held every worker at this barrier for seconds per evaluation.
+        path = save(Path(tempfile.mkdtemp(prefix="textgen-ckpt-")))  # replaced by the complete checkpoint
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 def checkpoint_uri(checkpoint) -> str:

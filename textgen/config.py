@@ -261,7 +261,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size in windows")
     p.add_argument("--learning-rate", type=float, help="Adam's learning rate (the peak of the schedule)")
     p.add_argument("--schedule", choices=SCHEDULES,
-                   help="learning-rate schedule: cosine decays to the end of --max-minutes or --epochs")
+                   help="learning-rate schedule: cosine decays from the start, wsd holds the peak then decays "
+                        "over --decay-fraction; both end with --max-minutes (or --epochs)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over this many steps")
     p.add_argument("--min-lr-fraction", type=float, help="cosine, wsd: the final rate as a fraction of the peak")
     p.add_argument("--decay-fraction", type=float, help="wsd: decay linearly over this last fraction of the budget")

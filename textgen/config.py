@@ -317,7 +317,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         val_fraction=args.val_fraction, seed=args.seed, lowercase=args.lowercase,
         mixed_precision=args.mixed_precision, val_chars=args.val_chars, eval_every_steps=args.eval_every_steps,
         eval_every_minutes=args.eval_every_minutes, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        min_lr_fraction=args.min_lr_fraction, decay_fraction=args.decay_fraction, weight_decay=args.weight_decay, ema_momentum=args.ema_momentum,
+        min_lr_fraction=args.min_lr_fraction, decay_fraction=args.decay_fraction, weight_decay=args.weight_decay,
+        ema_momentum=args.ema_momentum,
     )
     return model, train
 

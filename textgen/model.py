@@ -4,8 +4,9 @@
 dropout] -> N x [LSTM (B, T, H) -> Dropout] -> Dense logits (B, T, V). Dropout is per element, or
 time-locked (one mask per window and feature, the same at every time step: variational dropout);
 embedding dropout drops whole characters of a window. All of it only in training. The step model
-has the same weighted layers (same names, same weights) plus named per-layer state inputs ``h_i``/``c_i`` (B, H_i) and outputs ``h_i_out``/``c_i_out``, with variable
-batch and time, so a prompt is consumed in one call and single characters after it.
+has the same weighted layers (same names, same weights) plus named per-layer state inputs
+``h_i``/``c_i`` (B, H_i) and outputs ``h_i_out``/``c_i_out``, with variable batch and time, so a
+prompt is consumed in one call and single characters after it.
 
 ``notebook`` kind (the notebook): scaled_ids (B, T, 1) float32 -> N x [LSTM -> Dropout] (the last LSTM
 returns only its final output) -> Dense softmax probabilities (B, V).
